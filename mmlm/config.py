@@ -1,0 +1,294 @@
+"""Typed dataclass configs: YAML in, dotted overrides, validation with clear errors.
+
+Every config in mmlm is a (nested) dataclass. ``from_dict`` builds one from plain data and
+checks it: an unknown key names the key, its section and the closest valid key; a wrong type
+names the expected type. ``load_config`` reads a recipe YAML and applies ``a.b=c`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names where and what was expected."""
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in get_args(tp))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it (dicts to dataclasses)."""
+    if tp is Any:
+        return value
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value) and isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping (section {tp.__name__}), got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{where}: expected {len(args)} items ({_type_name(tp)}), got {value!r}")
+            return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping ({_type_name(tp)}), got {value!r}")
+        kt, vt = get_args(tp) or (Any, Any)
+        return {_convert(k, kt, where): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected float, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected int, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected bool (true/false), got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected str, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, validating keys and types recursively."""
+    data = dict(data or {})
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    section = where or cls.__name__
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown key '{key}' in section '{section}'{hint}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(value, hints[name], f"{where}.{name}" if where else name)
+    try:
+        obj = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"section '{section}': {err}") from err
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass config as plain JSON/YAML-serialisable data."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}': empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to a plain dict (validated later by ``from_dict``)."""
+    data = json.loads(json.dumps(data))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override '{text}': '{part}' is a value, not a section")
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file (and line, for syntax errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(err, 'problem', err)}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def save_yaml(data: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------
+# Run-level sections shared by every task. Model sections live next to their models
+# (VLMConfig in mmlm.models.vlm, TextToImageConfig in mmlm.models.diffusion).
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ShapesConfig:
+    """The embedded procedural dataset (mmlm.data.shapes)."""
+
+    n_train: int = 20000
+    n_val: int = 500
+    n_test: int = 1000
+    n_compositional: int = 1000
+    image_size: int = 64
+    min_shapes: int = 1
+    max_shapes: int = 3
+    language: str = "en"  # "en" or "zh"
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the image-text data comes from and how it is batched."""
+
+    source: str = "shapes"  # "shapes", "digits", or a path: JSONL/CSV/COCO JSON/ImageFolder dir/tar shards
+    format: str = "auto"  # auto | jsonl | csv | coco | imagefolder | webdataset | hf
+    val_source: str | None = None
+    test_source: str | None = None
+    val_fraction: float = 0.05  # split off train when no val_source is given
+    shapes: ShapesConfig = dataclasses.field(default_factory=ShapesConfig)
+    label_field: str = "label"  # which attribute is the class label for classification
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    num_workers: int = 0
+    on_bad_image: str = "error"  # "error" stops at the first bad file; "skip" skips and counts
+    allow_absolute_paths: bool = False
+    max_image_pixels: int = 64_000_000
+    augment: bool = False
+
+    def __post_init__(self):
+        if self.on_bad_image not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_image: expected 'error' or 'skip', got {self.on_bad_image!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size: expected >= 1, got {self.batch_size}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The optimisation loop (mmlm.train.trainer)."""
+
+    lr: float = 3e-4
+    module_lr: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. {"vision": 2e-3}; 0 freezes
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+    max_steps: int | None = None
+    epochs: float | None = None
+    max_minutes: float | None = None  # wall-clock budget; the LR schedule is fitted to it
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = None
+    eval_every: int | None = None  # steps; None = only at the end
+    save_every: int | None = None  # steps; None = only at the end
+    keep_last: int = 2
+    best_metric: str | None = None  # e.g. "val/exact_match"; higher is better unless it ends in "loss"
+    log_every: int = 10
+    seed: int = 0
+    compile: bool = False
+    num_threads: int | None = None  # torch.set_num_threads on CPU
+
+    def __post_init__(self):
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"train.grad_accum_steps: expected >= 1, got {self.grad_accum_steps}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"train.schedule: expected 'cosine' or 'constant', got {self.schedule!r}")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """What evaluation computes and writes."""
+
+    splits: list[str] = dataclasses.field(default_factory=lambda: ["test"])
+    max_samples: int | None = None
+    num_examples: int = 16  # qualitative samples written to the run folder
+    prompts: list[str] = dataclasses.field(default_factory=list)  # generation prompts for reports
+    labels: list[str] = dataclasses.field(default_factory=list)  # candidate labels (classification)
+    templates: list[str] = dataclasses.field(default_factory=lambda: ["a photo of a {}"])
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """A whole recipe: one YAML file in configs/."""
+
+    task: str = "captioning"  # captioning | classification | diffusion
+    output_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: Any = None  # the task's model config dataclass (VLMConfig, TextToImageConfig, ...)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 import yaml
 
 T = TypeVar("T")
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -83,6 +85,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         kt, vt = get_args(tp) or (Any, Any)
         return {_convert(k, kt, where): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):  # YAML 1.1 reads "3e-4" as str
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected float, got {value!r}")
         return float(value)
@@ -144,6 +148,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     return key.split("."), value
 
 
@@ -292,3 +301,54 @@ class RunConfig:
     model: Any = None  # the task's model config dataclass (VLMConfig, TextToImageConfig, ...)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+# The model section's dataclass for each task, imported lazily so config.py stays light.
+MODEL_CONFIGS: dict[str, str] = {
+    "captioning": "mmlm.models.vlm:VLMConfig",
+    "classification": "mmlm.models.vlm:VLMConfig",
+    "diffusion": "mmlm.models.diffusion:TextToImageConfig",
+}
+
+
+def model_config_class(task: str) -> type:
+    if task not in MODEL_CONFIGS:
+        close = difflib.get_close_matches(task, list(MODEL_CONFIGS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown task '{task}' (key 'task'); expected one of {', '.join(MODEL_CONFIGS)}{hint}")
+    module_name, cls_name = MODEL_CONFIGS[task].split(":")
+    import importlib
+
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def build_run_config(data: dict[str, Any], where: str = "") -> RunConfig:
+    """Validate plain data into a RunConfig, typing the model section by the task."""
+    data = dict(data)
+    model_data = data.pop("model", None) or {}
+    cfg = from_dict(RunConfig, data, where)
+    cfg.model = from_dict(model_config_class(cfg.task), model_data, "model")
+    return cfg
+
+
+def load_config(source: str | Path | dict[str, Any] | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Load a recipe (YAML path or dict), apply ``key=value`` overrides, validate.
+
+    >>> cfg = load_config("configs/shapes_captioner.yaml", ["train.lr=3e-4", "data.batch_size=32"])
+    """
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        data = source
+    else:
+        data = read_yaml(source)
+    data = apply_overrides(data, list(overrides))
+    where = f"{source}" if isinstance(source, (str, Path)) else ""
+    try:
+        return build_run_config(data)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}" if where else str(err)) from None
+
+
+def save_run_config(cfg: RunConfig, path: str | Path) -> None:
+    save_yaml(to_dict(cfg), path)

@@ -1,0 +1,253 @@
+"""Text encoders that condition the diffusion denoiser: captions -> (hidden states, mask).
+
+Three kinds, chosen by ``TextEncoderConfig.kind``:
+
+- ``"scratch"``: a small CLIP-style text transformer (transformers' ``CLIPTextModel``) built from
+  the config, with a byte-level BPE tokenizer trained on the caption corpus; trained with the denoiser.
+- ``"pretrained"``: any transformers text encoder from a Hub id or local folder (CLIP, SigLIP, T5
+  encoder, BERT, ...); frozen by default.
+- ``"lm"``: the hidden states of a causal LM, e.g. the ``.language`` / ``.tokenizer`` of a
+  VisionLanguageModel, so one LM both captions and conditions generation; frozen by default.
+
+Every kind pads to a fixed ``max_length`` so that embeddings of a frozen encoder can be cached per
+unique caption (the big CPU saving: the encoder then runs once per caption, not once per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mmlm.config import ConfigError
+
+TEXT_ENCODER_KINDS = ("scratch", "pretrained", "lm")
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+
+
+@dataclasses.dataclass
+class TextEncoderConfig:
+    """Which text encoder conditions the denoiser, and how big the from-scratch one is."""
+
+    kind: str = "scratch"  # scratch | pretrained | lm
+    name_or_path: str | None = None  # Hub id or folder for "pretrained" / "lm"
+    freeze: bool | None = None  # None: train "scratch", freeze "pretrained" and "lm"
+    max_length: int = 16  # tokens per caption, padded/truncated
+    hidden_layer: int = -1  # which hidden state of an "lm" to use (-1: last)
+    # "scratch" only:
+    vocab_size: int = 512  # BPE vocabulary trained on the corpus (the 256 bytes always included)
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    cache_size: int = 65536  # cached caption embeddings when frozen (cleared when full)
+
+    def __post_init__(self):
+        if self.kind not in TEXT_ENCODER_KINDS:
+            raise ConfigError(f"text_encoder.kind: expected one of {TEXT_ENCODER_KINDS}, got {self.kind!r}")
+        # "lm" may come as live objects (TextEncoder.from_language_model), so only "pretrained" needs a path here.
+        if self.kind == "pretrained" and not self.name_or_path:
+            raise ConfigError("text_encoder.name_or_path: required when kind is 'pretrained'")
+        if self.max_length < 2:
+            raise ConfigError(f"text_encoder.max_length: expected >= 2, got {self.max_length}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"text_encoder.hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})"
+            )
+
+    @property
+    def frozen(self) -> bool:
+        return self.freeze if self.freeze is not None else self.kind != "scratch"
+
+
+def train_tokenizer(corpus: Iterable[str] | None, vocab_size: int = 512) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``corpus`` (None: bytes only), with <pad>/<bos>/<eos>.
+
+    Every caption is wrapped as ``<bos> ... <eos>``, so even the empty caption has two tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus) if corpus is not None else [], trainer=trainer)
+    bos, eos = SPECIAL_TOKENS[1], SPECIAL_TOKENS[2]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=SPECIAL_TOKENS[0], bos_token=bos, eos_token=eos
+    )
+
+
+def _pretrained_text_model_class(name_or_path: str) -> type[PreTrainedModel]:
+    """The text-only model class for a checkpoint: CLIP/SigLIP text towers, T5 encoders, else AutoModel."""
+    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    by_type = {
+        "clip": transformers.CLIPTextModel,
+        "clip_text_model": transformers.CLIPTextModel,
+        "siglip": transformers.SiglipTextModel,
+        "siglip_text_model": transformers.SiglipTextModel,
+        "t5": transformers.T5EncoderModel,
+        "umt5": transformers.UMT5EncoderModel,
+    }
+    return by_type.get(config.model_type, transformers.AutoModel)
+
+
+def _model_class_by_name(name: str) -> type[PreTrainedModel]:
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise ValueError(f"text encoder class {name!r} is not a transformers model class")
+    return cls
+
+
+class TextEncoder(nn.Module):
+    """Tokenizer + transformers model -> fixed-length hidden states and attention mask.
+
+    ``forward(captions)`` returns ``(hidden [B, max_length, hidden_size], mask [B, max_length])``.
+    When frozen, results are cached per caption string (on CPU) and computed without gradients.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: TextEncoderConfig,
+                 freeze_weights: bool = True):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if config.frozen and freeze_weights:
+            self.model.requires_grad_(False)
+        # Whatever replaces the weights through load_state_dict (resume, EMA swap) invalidates the cache.
+        self.register_load_state_dict_post_hook(lambda module, keys: module.clear_cache())
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, config: TextEncoderConfig, corpus: Iterable[str] | None = None) -> TextEncoder:
+        if config.kind == "scratch":
+            tokenizer = train_tokenizer(corpus, config.vocab_size)
+            model_config = transformers.CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=config.hidden_size,
+                intermediate_size=4 * config.hidden_size,
+                num_hidden_layers=config.num_layers,
+                num_attention_heads=config.num_heads,
+                max_position_embeddings=config.max_length,
+                hidden_act="gelu",
+                projection_dim=config.hidden_size,
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            return cls(transformers.CLIPTextModel(model_config), tokenizer, config)
+        if not config.name_or_path:
+            raise ConfigError(
+                f"text_encoder.name_or_path: required for kind {config.kind!r} "
+                "(or pass the LM and tokenizer with TextEncoder.from_language_model)"
+            )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(config.name_or_path)
+        if config.kind == "lm":
+            model = transformers.AutoModelForCausalLM.from_pretrained(config.name_or_path)
+        else:
+            model = _pretrained_text_model_class(config.name_or_path).from_pretrained(config.name_or_path)
+        return cls(model, tokenizer, config)
+
+    @classmethod
+    def from_language_model(
+        cls, language_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: TextEncoderConfig | None = None
+    ) -> TextEncoder:
+        """Condition on an existing causal LM (e.g. ``vlm.language`` with ``vlm.tokenizer``); shares its weights.
+
+        The LM's ``requires_grad`` flags are left as they are (its owner may be training it); when frozen
+        here it runs under ``no_grad`` and stays out of ``TextToImage.trainable_groups``.
+        """
+        config = config or TextEncoderConfig(kind="lm")
+        if config.kind != "lm":
+            config = dataclasses.replace(config, kind="lm")
+        return cls(language_model, tokenizer, config, freeze_weights=False)
+
+    @classmethod
+    def from_folder(cls, model_dir: str | Path, tokenizer_dir: str | Path, class_name: str,
+                    config: TextEncoderConfig) -> TextEncoder:
+        """Load what ``save`` wrote (no network: local folders only)."""
+        model = _model_class_by_name(class_name).from_pretrained(model_dir, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        return cls(model, tokenizer, config)
+
+    def save(self, model_dir: str | Path, tokenizer_dir: str | Path) -> str:
+        """Write model (safetensors) and tokenizer; returns the model class name for ``from_folder``."""
+        self.model.save_pretrained(model_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(tokenizer_dir)
+        return type(self.model).__name__
+
+    # ---------------------------------------------------------------- encoding
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        for name in ("hidden_size", "d_model", "n_embd"):
+            if getattr(cfg, name, None):
+                return int(getattr(cfg, name))
+        raise ValueError(f"cannot tell the hidden size of {type(self.model).__name__}")
+
+    @property
+    def frozen(self) -> bool:
+        return self.config.frozen
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids and mask of shape [B, max_length]; never an all-padding row."""
+        length = self.config.max_length
+        encoded = self.tokenizer(list(captions), add_special_tokens=True, truncation=True, max_length=length)
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        filler = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else pad_id
+        ids = torch.full((len(captions), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(captions), length), dtype=torch.long)
+        for row, seq in enumerate(encoded["input_ids"]):
+            seq = list(seq) or [filler]  # an empty caption with no special tokens still needs one token
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        return ids, mask
+
+    def _run(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        ids, mask = self.tokenize(captions)
+        ids, mask = ids.to(device), mask.to(device)
+        if self.config.kind == "lm":
+            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            hidden = out.hidden_states[self.config.hidden_layer]
+        else:
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return hidden, mask
+
+    def forward(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.frozen:
+            return self._run(captions)
+        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
+        if missing:
+            if len(self._cache) + len(missing) > self.config.cache_size:
+                self._cache.clear()
+            was_training = self.model.training
+            self.model.eval()  # frozen: no dropout, so one cached value per caption is exact
+            with torch.no_grad():
+                hidden, mask = self._run(missing)
+            self.model.train(was_training)
+            for i, caption in enumerate(missing):
+                self._cache[caption] = (hidden[i].cpu(), mask[i].cpu())
+        device = next(self.model.parameters()).device
+        hidden = torch.stack([self._cache[c][0] for c in captions]).to(device)
+        mask = torch.stack([self._cache[c][1] for c in captions]).to(device)
+        return hidden, mask

@@ -1,0 +1,36 @@
+"""The one training harness: a Task says what differs, the Trainer does the rest."""
+
+from mmlm.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from mmlm.train.ema import EMA
+from mmlm.train.optim import WarmupDecaySchedule, build_optimizer, lr_factor, parameter_groups
+from mmlm.train.task import Task
+from mmlm.train.trainer import (
+    CheckpointWriteError,
+    MetricsLog,
+    NonFiniteLossError,
+    Trainer,
+    TrainingError,
+    plot_loss_curve,
+    read_metrics,
+    resolve_mixed_precision,
+)
+
+__all__ = [
+    "EMA",
+    "CheckpointError",
+    "CheckpointWriteError",
+    "MetricsLog",
+    "NonFiniteLossError",
+    "Task",
+    "Trainer",
+    "TrainingError",
+    "WarmupDecaySchedule",
+    "build_optimizer",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "lr_factor",
+    "parameter_groups",
+    "plot_loss_curve",
+    "read_metrics",
+    "resolve_mixed_precision",
+]

@@ -1,0 +1,303 @@
+"""TextToImage on tiny models: config, loss, samplers, guidance, seeds, save/load, latent space, VAE."""
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from mmlm.config import ConfigError, from_dict, to_dict
+from mmlm.models.autoencoder import AutoencoderConfig
+from mmlm.models.diffusion import DenoiserConfig, TextToImage, TextToImageConfig
+from mmlm.models.text_encoder import TextEncoderConfig
+
+CORPUS = ["a red circle", "a blue square", "a green triangle", "a small red square"]
+
+
+def tiny_config(**overrides) -> TextToImageConfig:
+    base = dict(
+        image_size=16,
+        space="pixel",
+        denoiser=DenoiserConfig(block_out_channels=(8, 16), attention=(False, True), norm_num_groups=4,
+                                hidden_size=16, num_layers=1),
+        text_encoder=TextEncoderConfig(hidden_size=16, num_layers=1, num_heads=1, max_length=8, vocab_size=300),
+        vae=AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4, batch_size=8),
+    )
+    base.update(overrides)
+    return TextToImageConfig(**base)
+
+
+def tiny_model(seed=0, **overrides) -> TextToImage:
+    torch.manual_seed(seed)
+    model = TextToImage.from_config(tiny_config(**overrides), corpus=CORPUS)
+    if model.needs_autoencoder_fit:
+        model.fit_autoencoder(random_images(8, seed), steps=2)
+    return model
+
+
+def random_images(n, seed=0, size=16):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def pixels_of(images):
+    return torch.stack([torch.from_numpy(np.asarray(im).copy()) for im in images])
+
+
+# ------------------------------------------------------------------ config
+def test_config_round_trips_through_from_dict_and_to_dict():
+    config = tiny_config(space="latent", denoiser=DenoiserConfig(kind="transformer"), snr_gamma=None)
+    assert from_dict(TextToImageConfig, to_dict(config)) == config
+    assert from_dict(TextToImageConfig, to_dict(TextToImageConfig())) == TextToImageConfig()
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"space": "voxel"}, "model.space"),
+        ({"prediction_type": "sample"}, "prediction_type"),
+        ({"scheduler": "euler"}, "model.scheduler"),
+        ({"space": "latent", "vae": None}, "model.vae"),
+        ({"denoiser": {"attention": [False, False, False]}}, "cross-attention"),
+        ({"denoiser": {"attention": [True]}}, "one flag per level"),
+        ({"text_encoder": {"kind": "pretrained"}}, "name_or_path"),
+        ({"caption_dropout": 1.5}, "caption_dropout"),
+    ],
+)
+def test_bad_config_names_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(TextToImageConfig, data)
+
+
+# ------------------------------------------------------------------ training
+@pytest.mark.parametrize("space, kind", [("pixel", "unet"), ("latent", "unet"), ("pixel", "transformer")])
+def test_training_steps_reduce_the_loss_on_a_fixed_batch(space, kind):
+    model = tiny_model(space=space, denoiser=DenoiserConfig(kind=kind, block_out_channels=(8, 16),
+                                                            attention=(False, True), norm_num_groups=4,
+                                                            hidden_size=16, num_layers=1))
+    images, captions = random_images(4, seed=1), ["a red circle", "a blue square"] * 2
+    optimizer = torch.optim.Adam([p for g in model.trainable_groups().values() for p in g.parameters()], lr=3e-3)
+
+    def loss_at_fixed_noise():
+        torch.manual_seed(123)
+        return model.training_loss(images, captions)
+
+    with torch.no_grad():
+        before = loss_at_fixed_noise().item()
+    for _ in range(20):
+        loss = loss_at_fixed_noise()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = loss_at_fixed_noise().item()
+    assert after < 0.8 * before
+
+
+def test_min_snr_with_huge_gamma_equals_plain_mse_for_epsilon_only():
+    images, captions = random_images(4), CORPUS
+
+    def loss(**kw):
+        model = tiny_model(**kw).eval()
+        torch.manual_seed(5)
+        return model.training_loss(images, captions).item()
+
+    assert loss(prediction_type="epsilon", snr_gamma=1e9) == pytest.approx(loss(prediction_type="epsilon", snr_gamma=None))
+    assert loss(snr_gamma=1e9) != pytest.approx(loss(snr_gamma=None))  # v: weight SNR / (SNR + 1) != 1
+    assert loss(snr_gamma=0.1) < loss(snr_gamma=None)
+
+
+def test_caption_dropout_only_in_training_mode():
+    model = tiny_model(caption_dropout=0.5)
+    seen = []
+    original = model.text_encoder.forward
+    model.text_encoder.forward = lambda captions: seen.extend(captions) or original(captions)
+    torch.manual_seed(0)
+    model.training_loss(random_images(32), ["a red circle"] * 32)
+    assert 5 < seen.count("") < 27
+    seen.clear()
+    model.eval().training_loss(random_images(32), ["a red circle"] * 32)
+    assert "" not in seen
+
+
+def test_frozen_text_encoder_runs_once_per_unique_caption():
+    model = tiny_model(text_encoder=TextEncoderConfig(hidden_size=16, num_layers=1, num_heads=1, max_length=8,
+                                                      freeze=True), caption_dropout=0.0)
+    calls = []
+    original = model.text_encoder._run
+    model.text_encoder._run = lambda captions: calls.append(list(captions)) or original(captions)
+    for _ in range(3):
+        model.training_loss(random_images(4), ["a red circle", "a blue square", "a red circle", "a blue square"])
+    assert calls == [["a red circle", "a blue square"]]
+    assert "text_encoder" not in model.trainable_groups()
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+
+
+def test_scratch_text_encoder_is_trained_with_the_denoiser():
+    model = tiny_model()
+    assert set(model.trainable_groups()) == {"denoiser", "text_encoder"}
+    model.training_loss(random_images(2), CORPUS[:2]).backward()
+    assert model.text_encoder.model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_training_loss_rejects_bad_input():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        model.training_loss(random_images(2) * 255, CORPUS[:2])
+    with pytest.raises(ValueError, match="2 images but 3 captions"):
+        model.training_loss(random_images(2), CORPUS[:3])
+    with pytest.raises(ValueError, match="16x16"):
+        model.training_loss(random_images(2, size=8), CORPUS[:2])
+
+
+# ------------------------------------------------------------------ sampling
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm++"])
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_each_scheduler_samples_images_of_the_right_size_and_mode(scheduler, space):
+    model = tiny_model(space=space)
+    images = model.generate(["a red circle", "a blue square"], num_inference_steps=3, scheduler=scheduler,
+                            seed=0, num_images_per_prompt=2, batch_size=3)
+    assert len(images) == 4
+    assert all(isinstance(im, Image.Image) and im.size == (16, 16) and im.mode == "RGB" for im in images)
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "dpm++"])
+def test_same_seed_same_images_whatever_the_batch_size(scheduler):
+    model = tiny_model()
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    a = model.generate(prompts, num_inference_steps=3, scheduler=scheduler, seed=7, batch_size=3)
+    b = model.generate(prompts, num_inference_steps=3, scheduler=scheduler, seed=7, batch_size=1)
+    c = model.generate(prompts, num_inference_steps=3, scheduler=scheduler, seed=8, batch_size=3)
+    assert torch.equal(pixels_of(a), pixels_of(b))
+    assert not torch.equal(pixels_of(a), pixels_of(c))
+
+
+def test_guidance_scale_one_equals_the_unguided_path():
+    model = tiny_model().eval()
+    text, mask = model.text_encoder(["a red circle", "a blue square"])
+    uncond, uncond_mask = model.text_encoder(["", ""])
+    sample, t = torch.randn(2, 3, 16, 16), torch.tensor(500)
+    with torch.no_grad():
+        guided = model.guided_prediction(sample, t, text, mask, uncond, uncond_mask, guidance_scale=1.0)
+        unguided = model.guided_prediction(sample, t, text, mask)
+        strong = model.guided_prediction(sample, t, text, mask, uncond, uncond_mask, guidance_scale=4.0)
+    torch.testing.assert_close(guided, unguided, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(strong, unguided, atol=1e-3)
+
+
+def test_negative_prompt_changes_guided_images():
+    model = tiny_model()
+    plain = model.generate("a red circle", num_inference_steps=3, guidance_scale=3.0, seed=0)
+    negative = model.generate("a red circle", num_inference_steps=3, guidance_scale=3.0, seed=0,
+                              negative_prompt="a blue square")
+    assert not torch.equal(pixels_of(plain), pixels_of(negative))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"scheduler": "euler"}, "scheduler"),
+        ({"negative_prompt": ["x", "y"]}, "negative_prompt"),
+    ],
+)
+def test_generate_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model().generate("a red circle", **kwargs)
+
+
+def test_generate_rejects_an_empty_prompt_list():
+    with pytest.raises(ValueError, match="empty"):
+        tiny_model().generate([])
+
+
+# ------------------------------------------------------------------ save / load / state dict
+@pytest.mark.parametrize("space, kind", [("latent", "unet"), ("pixel", "transformer")])
+def test_save_load_round_trip_reproduces_images_exactly(tmp_path, space, kind):
+    model = tiny_model(space=space, denoiser=DenoiserConfig(kind=kind, block_out_channels=(8, 16),
+                                                            attention=(False, True), norm_num_groups=4,
+                                                            hidden_size=16, num_layers=1))
+    model.save_pretrained(tmp_path / "t2i")
+    assert {"config.json", "denoiser", "scheduler", "text_encoder", "tokenizer"} <= {
+        p.name for p in (tmp_path / "t2i").iterdir()}
+    assert not list((tmp_path / "t2i").rglob("*.bin")) and not list((tmp_path / "t2i").rglob("*.pt"))
+    loaded = TextToImage.from_pretrained(tmp_path / "t2i")
+    assert loaded.config == model.config
+    for scheduler in ("ddim", "dpm++"):
+        a = model.generate(CORPUS[:2], num_inference_steps=3, seed=0, scheduler=scheduler)
+        b = loaded.generate(CORPUS[:2], num_inference_steps=3, seed=0, scheduler=scheduler)
+        assert torch.equal(pixels_of(a), pixels_of(b))
+
+
+def test_from_pretrained_on_a_wrong_folder_says_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        TextToImage.from_pretrained(tmp_path)
+
+
+def test_state_dict_swap_like_ema_changes_outputs_and_clears_the_text_cache():
+    frozen_text = TextEncoderConfig(hidden_size=16, num_layers=1, num_heads=1, max_length=8, freeze=True)
+    model, other = tiny_model(0, text_encoder=frozen_text), tiny_model(1, text_encoder=frozen_text)
+    before = model.generate("a red circle", num_inference_steps=2, seed=0)
+    assert model.text_encoder._cache
+    backup = copy.deepcopy(model.state_dict())
+    model.load_state_dict(other.state_dict())
+    assert not model.text_encoder._cache
+    swapped = model.generate("a red circle", num_inference_steps=2, seed=0)
+    model.load_state_dict(backup)
+    restored = model.generate("a red circle", num_inference_steps=2, seed=0)
+    assert not torch.equal(pixels_of(before), pixels_of(swapped))
+    assert torch.equal(pixels_of(before), pixels_of(restored))
+
+
+# ------------------------------------------------------------------ images in, latent space
+def test_image_transform_is_picklable_and_maps_to_minus_one_one():
+    model = tiny_model()
+    transform = pickle.loads(pickle.dumps(model.image_transform(train=True)))
+    image = Image.new("L", (40, 20), 255)
+    pixels = transform(image)
+    assert pixels.shape == (3, 16, 16) and pixels.dtype == torch.float32
+    assert pixels.max().item() == 1.0 and pixels.min().item() == 1.0
+    assert transform(Image.new("RGB", (16, 16), (0, 0, 0))).min().item() == -1.0
+
+
+def test_latent_training_needs_a_fitted_autoencoder():
+    torch.manual_seed(0)
+    model = TextToImage.from_config(tiny_config(space="latent"), corpus=CORPUS)
+    assert model.needs_autoencoder_fit
+    with pytest.raises(RuntimeError, match="fit_autoencoder"):
+        model.training_loss(random_images(2), CORPUS[:2])
+    with pytest.raises(ValueError, match="pixel space"):
+        tiny_model().fit_autoencoder(random_images(2))
+
+
+def test_fit_autoencoder_learns_and_sets_the_scale_from_the_data():
+    torch.manual_seed(0)
+    model = TextToImage.from_config(tiny_config(space="latent"), corpus=CORPUS)
+    # Smooth images (blobs) are what a 2x VAE can learn in a few steps.
+    images = [Image.new("RGB", (16, 16), (255 * (i % 2), 80, 255 * (i % 3 == 0))) for i in range(16)]
+    pixels = torch.stack([model.image_transform()(im) for im in images])
+    with torch.no_grad():
+        first = torch.nn.functional.mse_loss(model.vae(pixels).sample, pixels).item()
+    stats = model.fit_autoencoder(images, steps=40)
+    with torch.no_grad():
+        recon = model.vae.decode(model.vae.encode(pixels).latent_dist.mode()).sample
+        latents = model.encode_images(pixels)
+    assert stats["steps"] == 40 and torch.nn.functional.mse_loss(recon, pixels).item() < 0.5 * first
+    assert not model.needs_autoencoder_fit
+    assert float(model.latent_scale) == pytest.approx(stats["scaling_factor"])
+    assert 0.5 < latents.std().item() < 2.0  # unit-ish variance after scaling
+    assert not any(p.requires_grad for p in model.vae.parameters())
+
+
+def test_pretrained_autoencoder_from_a_local_folder_keeps_its_scaling_factor(tmp_path):
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
+                        scaling_factor=0.37, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    model = tiny_model(space="latent", vae=AutoencoderConfig(name_or_path=str(tmp_path / "vae"), norm_num_groups=4))
+    assert not model.needs_autoencoder_fit and float(model.latent_scale) == pytest.approx(0.37)
+    assert model.denoiser.config.sample_size == 8 and model.denoiser.config.in_channels == 4
+    assert torch.isfinite(model.training_loss(random_images(2), CORPUS[:2]))

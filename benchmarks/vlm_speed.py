@@ -33,15 +33,14 @@ WHERE = ["", " on the left", " on the right", " at the top", " at the bottom"]
 LABELS = [f"{size} {c} {k}{w}" for w, size, c, k in itertools.product(WHERE, ["small", "large"], COLOURS, KINDS)]
 
 
-def build_ours(corpus: list[str]) -> VisionLanguageModel:
+def build_ours(corpus: list[str], projector: str = "mlp") -> VisionLanguageModel:
+    """resnet10t at stride 8 (8x8 map = 64 tokens); pixel_shuffle r=2 reduces them to 16."""
     config = VLMConfig(
         vision=VisionConfig(name="resnet10t", features_only_stage=2, image_size=IMAGE_SIZE, pos_embed_2d=True),
-        projector=ProjectorConfig(type="mlp"),
+        projector=ProjectorConfig(type=projector, reduce_factor=2),
         language=LanguageConfig(config={"model_type": "llama", **LLAMA}, vocab_size=512),
     )
-    model = VisionLanguageModel.from_config(config, corpus)
-    assert model.num_image_tokens == IMAGE_TOKENS
-    return model
+    return VisionLanguageModel.from_config(config, corpus)
 
 
 def build_llava(vocab_size: int) -> LlavaForConditionalGeneration:
@@ -75,19 +74,19 @@ def training_inputs(ours: VisionLanguageModel, batch: int):
     pixels = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     text = torch.randint(10, 200, (batch, TEXT_TOKENS - 1), generator=g)
     ours_ids = torch.cat([torch.full((batch, 1), ours.start_token_id),
-                          torch.full((batch, IMAGE_TOKENS), ours.image_token_id), text], dim=1)
+                          torch.full((batch, ours.num_image_tokens), ours.image_token_id), text], dim=1)
     labels = ours_ids.clone()
-    labels[:, :1 + IMAGE_TOKENS] = -100
+    labels[:, :1 + ours.num_image_tokens] = -100
     return pixels, ours_ids, labels
 
 
 def bench_training(ours, llava, batch: int, steps: int) -> tuple[float, float]:
     pixels, ids, labels = training_inputs(ours, batch)
     mask = torch.ones_like(ids)
-    llava_ids = ids.clone()
-    llava_ids[ids == ours.image_token_id] = llava.config.image_token_index
-    llava_ids = llava_ids[:, 1:]  # Llava: image tokens then text, no start token (one token fewer for it)
-    llava_labels, llava_mask = labels[:, 1:], mask[:, 1:]
+    text = ids[:, 1 + ours.num_image_tokens:]  # Llava: 64 image tokens then the same text, no start token
+    llava_ids = torch.cat([torch.full((batch, IMAGE_TOKENS), llava.config.image_token_index), text], dim=1)
+    llava_labels = torch.cat([torch.full((batch, IMAGE_TOKENS), -100), text], dim=1)
+    llava_mask = torch.ones_like(llava_ids)
 
     def step(model, **inputs):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -142,21 +141,28 @@ def main() -> None:
     torch.manual_seed(0)
     steps, repeats, new_tokens = (2, 1, 4) if args.quick else (10, 3, 32)
 
-    ours = build_ours(LABELS).eval()
+    ours = build_ours(LABELS, "mlp").eval()
+    shuffled = build_ours(LABELS, "pixel_shuffle").eval()
     llava = build_llava(len(ours.tokenizer)).eval()
-    print(f"threads={args.threads}  ours {params_m(ours):.2f}M params (resnet10t stride 8 + MLP + Llama 256x4), "
-          f"llava {params_m(llava):.2f}M params (CLIP 64px/8 + MLP + Llama 256x4)")
-    print(f"{'measure':44s} {'mmlm':>10s} {'peer':>10s} {'ratio':>7s}  target")
+    print(f"threads={args.threads}  llava {params_m(llava):.2f}M params (CLIP 64px/8, 64 image tokens + MLP + Llama "
+          f"256x4); mmlm: resnet10t stride 8 + Llama 256x4, 'mlp' {params_m(ours):.2f}M ({ours.num_image_tokens} "
+          f"image tokens), 'ps' = pixel_shuffle r=2 {params_m(shuffled):.2f}M ({shuffled.num_image_tokens} tokens)")
+    print(f"{'measure':48s} {'mmlm':>10s} {'peer':>10s} {'ratio':>7s}  target")
 
-    def row(name, ours_v, peer_v, target):
-        print(f"{name:44s} {ours_v:10.1f} {peer_v:10.1f} {ours_v / peer_v:6.2f}x  {target}")
+    def row(name, ours_v, peer_v, target=""):
+        print(f"{name:48s} {ours_v:10.1f} {peer_v:10.1f} {ours_v / peer_v:6.2f}x  {target}", flush=True)
 
-    row("train samples/s (batch 16) vs Llava", *bench_training(ours, llava, 16, steps), ">= 1.2x")
-    row("caption tokens/s batch 1 vs Llava", *bench_generation(ours, llava, 1, new_tokens, repeats), ">= 1.0x")
-    row("caption tokens/s batch 16 vs Llava", *bench_generation(ours, llava, 16, new_tokens, repeats), ">= 1.5x")
+    for tag, model in (("mlp", ours), ("ps", shuffled)):
+        row(f"[{tag}] train samples/s (batch 16) vs Llava", *bench_training(model, llava, 16, steps), ">= 1.2x")
+        row(f"[{tag}] caption tokens/s batch 1 vs Llava", *bench_generation(model, llava, 1, new_tokens, repeats),
+            ">= 1.0x")
+        row(f"[{tag}] caption tokens/s batch 16 vs Llava", *bench_generation(model, llava, 16, new_tokens, repeats),
+            ">= 1.5x")
     images = 4 if args.quick else 16
-    row("classify images/s, 10 labels vs naive", *bench_classification(ours, images, 10, repeats), "")
-    row("classify images/s, 100 labels vs naive", *bench_classification(ours, images, 100, repeats), ">= 10x")
+    for tag, model in (("mlp", ours), ("ps", shuffled)):
+        row(f"[{tag}] classify images/s, 10 labels vs naive", *bench_classification(model, images, 10, repeats))
+        row(f"[{tag}] classify images/s, 100 labels vs naive", *bench_classification(model, images, 100, repeats),
+            ">= 10x")
 
 
 if __name__ == "__main__":

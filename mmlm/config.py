@@ -235,8 +235,11 @@ class DataConfig:
     allow_absolute_paths: bool = False
     max_image_pixels: int = 64_000_000
     augment: bool = False
+    caption_choice: str = "random"  # "random": one of a record's captions per epoch; "first": always the first
 
     def __post_init__(self):
+        if self.caption_choice not in ("random", "first"):
+            raise ConfigError(f"data.caption_choice: expected 'random' or 'first', got {self.caption_choice!r}")
         if self.on_bad_image not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_image: expected 'error' or 'skip', got {self.on_bad_image!r}")
         if self.batch_size < 1:
@@ -288,6 +291,10 @@ class EvalConfig:
     prompts: list[str] = dataclasses.field(default_factory=list)  # generation prompts for reports
     labels: list[str] = dataclasses.field(default_factory=list)  # candidate labels (classification)
     templates: list[str] = dataclasses.field(default_factory=lambda: ["a photo of a {}"])
+    # generation
+    samplers: list[str] = dataclasses.field(default_factory=lambda: ["dpm++:20"])  # "name:steps"; first = main
+    judge_steps: int = 600  # training steps of the independent shapes judge (prompt fidelity, FID/KID features)
+    captioner: str | None = None  # saved captioner for the caption round trip of generated images
 
 
 @dataclasses.dataclass

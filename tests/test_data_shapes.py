@@ -144,6 +144,8 @@ def test_wrong_or_garbled_captions_do_not_match():
     assert parse_caption("a small red circle on the left", "zh") is None
     with pytest.raises(ValueError, match="language"):
         parse_caption("x", "fr")
+    with pytest.raises(TypeError, match="'shapes' list"):
+        captions_match(good, {"kind": "circle"})
 
 
 def test_compositional_pairs_are_held_out_of_other_splits():

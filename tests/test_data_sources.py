@@ -128,6 +128,8 @@ def test_csv_manifest(folder):
     assert [(r.captions, r.label) for r in records] == [(["a red, square thing"], "red"), (["green"], None)]
     (folder / "multi.csv").write_text('image,captions\nimg/0.png,"[""a"", ""b""]"\n', encoding="utf-8")
     assert read_records(folder / "multi.csv")[0].captions == ["a", "b"]
+    (folder / "tabs.tsv").write_text("image\tcaption\nimg/1.png\tgreen, with a comma\n", encoding="utf-8")
+    assert read_records(folder / "tabs.tsv")[0].captions == ["green, with a comma"]
     (folder / "bad.csv").write_text("file,caption\nimg/0.png,x\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.csv:1: CSV header must have an 'image' column"):
         read_records(folder / "bad.csv")

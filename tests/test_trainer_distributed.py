@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
@@ -90,7 +91,11 @@ def _launch(out: Path, processes: int, batch_size: int) -> None:
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     _launch(tmp_path / "two", processes=2, batch_size=4)  # 2 x 4 x accumulation 2 = 16 per step
-    _launch(tmp_path / "one", processes=1, batch_size=8)  # 1 x 8 x accumulation 2 = 16 per step
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    run(str(tmp_path / "one"), batch_size=8)  # 1 x 8 x accumulation 2 = 16 per step, in this process
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     two = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
     for name, value in one.items():

@@ -260,20 +260,19 @@ def build_datasets(data: DataConfig, transform_train: Callable | None, transform
     """
     common = dict(on_bad_image=data.on_bad_image, max_pixels=data.max_image_pixels)
 
-    def wrap(records, split):
+    def wrap(records, split, label_field="label"):
         transform = transform_train if split == "train" else transform_eval
         return ImageTextDataset(records, transform, label_field=label_field, **common)
 
     if data.source == "shapes":
-        label_field = data.label_field
         cfg = data.shapes
         sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "compositional": cfg.n_compositional}
-        return {split: wrap(ShapesRecords(n, split=split, config=cfg), split) for split, n in sizes.items()}
+        return {split: wrap(ShapesRecords(n, split=split, config=cfg), split, data.label_field)
+                for split, n in sizes.items()}
     if data.source == "digits":
-        label_field = data.label_field
-        return {split: wrap(digits_records(split), split) for split in ("train", "val", "test")}
+        return {split: wrap(digits_records(split), split, data.label_field) for split in ("train", "val", "test")}
 
-    label_field = "label"  # read_records has already applied data.label_field
+    # Below, read_records applies data.label_field itself (a manifest column, or a key of its "attributes").
     read = dict(format=data.format, allow_absolute_paths=data.allow_absolute_paths, label_field=data.label_field,
                 check_files=data.on_bad_image == "error")
     fmt = detect_format(data.source) if data.format == "auto" else data.format

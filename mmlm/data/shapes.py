@@ -363,6 +363,9 @@ def _key(shape: dict) -> tuple:
 
 def captions_match(predicted: str, attributes: dict, language: str = "en") -> bool:
     """Exact attribute match: the caption names every shape with the right size, colour, kind and position."""
+    if not isinstance(attributes, dict) or not isinstance(attributes.get("shapes"), list):
+        raise TypeError(f"captions_match: attributes must be a shapes record's attributes (a dict with a 'shapes' "
+                        f"list), got {attributes!r:.80}")
     parsed = parse_caption(predicted, language)
     if parsed is None:
         return False

@@ -142,7 +142,7 @@ def _scan_jsonl(path: Path, label_field: str, allow_absolute_paths: bool, check_
 
 def _scan_csv(path: Path, label_field: str, allow_absolute_paths: bool, check_files: bool):
     text = _decode_utf8(path.read_bytes(), path)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
     if not reader.fieldnames or "image" not in reader.fieldnames:
         raise DataError(f"{path}:1: CSV header must have an 'image' column and 'caption' or 'captions', "
                         f"got {reader.fieldnames}")

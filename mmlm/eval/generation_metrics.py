@@ -392,6 +392,21 @@ class ShapesJudge:
             kinds.extend(self.config.kinds[i] for i in self.net(inputs).argmax(dim=1).tolist())
         return kinds
 
+    @torch.no_grad()
+    def features(self, images: Sequence[Any], batch_size: int = 256) -> torch.Tensor:
+        """[N, 4 * width + 3] features for FID/KID: the kind net's pooled shape features and the mean
+        foreground colour (0..1), so both shape and colour differences move the distance."""
+        self.net.eval()
+        out = []
+        for start in range(0, len(images), batch_size):
+            pixels = self._pixels(images[start : start + batch_size])
+            distance = self.foreground_distance(pixels)
+            shape = self.net.features(self._kind_inputs(distance)).flatten(1)
+            weights = (distance > self.config.foreground_threshold).float().unsqueeze(1)
+            colour = (pixels * weights).sum((2, 3)) / weights.sum((2, 3)).clamp_min(1.0) / 255.0
+            out.append(torch.cat([shape, colour], dim=1))
+        return torch.cat(out)
+
     def judge(self, images: Sequence[Any]) -> list[dict[str, str | None]]:
         """[{"kind": ..., "colour": ...}] per image."""
         return [{"kind": k, "colour": c} for k, c in zip(self.predict_kinds(images), self.predict_colours(images))]

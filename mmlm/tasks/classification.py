@@ -1,0 +1,78 @@
+"""Classification by prompt: the VisionLanguageModel scores label strings in a template ("a photo of a {}").
+
+Training teaches the model to say ``template.format(label)`` about each image, so a classifier is
+a captioner of its labels and the same model also works zero-shot on other label sets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmlm.eval import classification_report, save_confusion_matrix_png
+from mmlm.tasks.captioning import VisionLanguageTask, vlm_display_image
+from mmlm.tasks.common import caption_corpus, iterate_dataset
+
+
+class ClassificationTask(VisionLanguageTask):
+    name = "classification"
+
+    @property
+    def templates(self) -> list[str]:
+        templates = self.config.eval.templates
+        if not templates or any("{}" not in t for t in templates):
+            raise ValueError(f"eval.templates: expected templates with a '{{}}' slot, got {templates!r}")
+        return templates
+
+    def corpus(self) -> list[str]:
+        texts = caption_corpus(self.config, texts_of=lambda r: [])
+        labels = self.labels()
+        return texts + [t.format(label) for t in self.templates for label in labels]
+
+    def labels(self, datasets=None) -> list[str]:
+        """Candidate labels: ``eval.labels`` when given, else every label of the training split, sorted."""
+        if self.config.eval.labels:
+            return list(self.config.eval.labels)
+        from mmlm.data.datasets import build_datasets
+
+        train = (datasets or build_datasets(self.config.data, None, None))["train"]
+        records = getattr(train, "records", None)
+        if records is None:
+            raise ValueError("eval.labels: required for streamed data (labels cannot be listed without a full pass)")
+        found = sorted({train.label_of(i) for i in range(len(records))} - {None})
+        if not found:
+            raise ValueError(f"data '{self.config.data.source}': no labels found for label_field "
+                             f"'{self.config.data.label_field}'")
+        return found
+
+    def targets(self, batch: dict) -> list[str]:
+        missing = [i for i, label in enumerate(batch["label"]) if label is None]
+        if missing:
+            raise ValueError(f"classification needs a label per sample; batch items {missing} have none "
+                             f"(label_field '{self.config.data.label_field}')")
+        return [self.templates[0].format(label) for label in batch["label"]]
+
+    def evaluate(self, model, dataset, out_dir: Path, split: str) -> dict[str, float]:
+        cfg = self.config
+        labels = self.labels()
+        y_true, y_pred, examples = [], [], []
+        for batch in iterate_dataset(dataset, cfg.data.eval_batch_size, cfg.eval.max_samples):
+            probs = model.classify(batch["pixel_values"], labels, prompt=self.templates,
+                                   batch_size=cfg.data.eval_batch_size)
+            y_true += batch["label"]
+            y_pred += [labels[i] for i in probs.argmax(dim=-1).tolist()]
+            for image, row in zip(batch["pixel_values"], probs):
+                if len(examples) < cfg.eval.num_examples:
+                    top = row.topk(min(3, len(labels)))
+                    text = ", ".join(f"{labels[i]} {p:.2f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+                    examples.append((vlm_display_image(image, model), text))
+        if not y_true:
+            raise ValueError(f"split '{split}' is empty: nothing to evaluate")
+        report = classification_report(y_true, y_pred, labels)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_confusion_matrix_png(report["confusion_matrix"], labels, out_dir / f"{split}_confusion.png")
+        from mmlm.eval.plots import image_grid
+
+        image_grid([e[0] for e in examples], captions=[e[1] for e in examples], path=out_dir / f"{split}_examples.png")
+        metrics = {k: v for k, v in report.items() if isinstance(v, (int, float))}
+        metrics["per_class"] = report["per_class"]
+        return metrics

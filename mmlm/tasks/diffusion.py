@@ -1,0 +1,123 @@
+"""Text-to-image: a TextToImage denoiser trained on image-text pairs, judged by prompt fidelity and FID/KID."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmlm.eval import (
+    ShapesJudge,
+    frechet_distance,
+    kernel_inception_distance,
+    prompt_fidelity,
+    train_shapes_judge,
+)
+from mmlm.eval.plots import image_grid
+from mmlm.tasks.common import caption_corpus, collate_images_and_texts, image_text_splits, unwrap
+from mmlm.train.task import Task
+
+AUTOENCODER_IMAGES = 4000  # training images for the VAE pre-stage
+
+
+class DiffusionTask(Task):
+    name = "diffusion"
+
+    def build_model(self) -> nn.Module:
+        from mmlm.models.diffusion import TextToImage
+
+        model = TextToImage.from_config(self.config.model, corpus=caption_corpus(self.config))
+        if model.needs_autoencoder_fit:
+            self.fit_autoencoder(model)
+        return model
+
+    def fit_autoencoder(self, model) -> dict:
+        """The latent-space pre-stage: train the VAE on training images, set its latent scale."""
+        from mmlm.data.datasets import build_datasets
+
+        train = build_datasets(self.config.data, model.image_transform(), None)["train"]
+        n = min(len(train), AUTOENCODER_IMAGES)
+        images = torch.stack([train[i]["pixel_values"] for i in range(n)])
+        started = time.perf_counter()
+        stats = model.fit_autoencoder(images, seed=self.config.seed)
+        stats["seconds"] = time.perf_counter() - started
+        self.autoencoder_stats = stats
+        return stats
+
+    def build_datasets(self, model):
+        return image_text_splits(self.config, model)
+
+    def collate(self, samples: list) -> dict:
+        return collate_images_and_texts(samples)
+
+    def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        captions = [c[0] for c in batch["captions"]] if self.config.data.caption_choice == "first" else batch["caption"]
+        return model(batch["pixel_values"], captions)
+
+    def prompts_and_targets(self, dataset) -> tuple[list[str], list[dict]]:
+        """Evaluation prompts: ``eval.prompts`` when given, else the first caption of each split record."""
+        cfg = self.config
+        if cfg.eval.prompts:
+            return list(cfg.eval.prompts), [{} for _ in cfg.eval.prompts]
+        n = min(len(dataset), cfg.eval.max_samples or 64)
+        records = [dataset.records[i] for i in range(n)]
+        return [r.captions[0] for r in records], [r.attributes for r in records]
+
+    def judge(self, out_dir: Path) -> tuple[ShapesJudge, dict]:
+        """The independent shapes judge, trained once per run folder and cached next to the evaluations."""
+        path = out_dir.parent / "shapes_judge.safetensors"
+        if path.is_file():
+            return ShapesJudge.load(path), {}
+        judge, report = train_shapes_judge(steps=self.config.eval.judge_steps,
+                                           image_size=self.config.model.image_size, seed=self.config.seed)
+        judge.save(path)
+        return judge, report
+
+    def evaluate(self, model, dataset, out_dir: Path, split: str) -> dict[str, float]:
+        cfg = self.config
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prompts, targets = self.prompts_and_targets(dataset)
+        metrics: dict = {}
+        generated: dict[str, list] = {}
+        for spec in cfg.eval.samplers:
+            name, _, steps = spec.partition(":")
+            started = time.perf_counter()
+            images = model.generate(prompts, num_inference_steps=int(steps or 20), scheduler=name, seed=cfg.seed)
+            generated[spec] = images
+            metrics[f"seconds_per_image/{spec}"] = (time.perf_counter() - started) / len(images)
+        main = generated[cfg.eval.samplers[0]]
+        n_show = min(len(main), cfg.eval.num_examples)
+        image_grid(main[:n_show], captions=prompts[:n_show], path=out_dir / f"{split}_generated.png")
+        if cfg.data.source == "shapes" and all(targets):
+            judge, judge_report = self.judge(out_dir)
+            if judge_report:
+                metrics["judge_accuracy"] = {k: v for k, v in judge_report.items() if k != "fit"}
+            for spec, images in generated.items():
+                fid = prompt_fidelity(images, targets, judge)
+                metrics[f"fidelity/{spec}"] = fid["fidelity"]
+                metrics[f"colour_accuracy/{spec}"] = fid["colour_accuracy"]
+                metrics[f"kind_accuracy/{spec}"] = fid["kind_accuracy"]
+            metrics["fidelity"] = metrics[f"fidelity/{cfg.eval.samplers[0]}"]
+            real = [dataset.records[i].image for i in range(len(prompts))]
+            real_feats, fake_feats = judge.features(real), judge.features(main)
+            metrics["fid"] = frechet_distance(real_feats, fake_feats)
+            metrics.update(kernel_inception_distance(real_feats, fake_feats, num_subsets=20))
+            if cfg.eval.captioner:
+                metrics["round_trip"] = self.round_trip(main, targets)
+        metrics["num_images"] = len(main)
+        return metrics
+
+    def round_trip(self, images: list, targets: list[dict]) -> float:
+        """Caption the generated images with a shapes captioner: the share whose main shape matches the prompt."""
+        from mmlm.api import load_vlm
+        from mmlm.data.shapes import parse_caption
+
+        captioner = load_vlm(self.config.eval.captioner)
+        hits = 0
+        for caption, target in zip(captioner.caption(images), targets):
+            shapes = parse_caption(caption, self.config.data.shapes.language) or []
+            main = target["shapes"][0]
+            hits += any(s["kind"] == main["kind"] and s["colour"] == main["colour"] for s in shapes)
+        return hits / len(images)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 
 from mmlm.models.diffusion import TextToImage, TextToImageConfig, to_pil
 from mmlm.models.text_encoder import TextEncoderConfig
@@ -131,6 +133,8 @@ def main() -> None:
         args.batch, args.train_steps, args.images, args.repeats = 8, 2, 4, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    diffusers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # SD pipeline's notes on our scheduler config
     model = build(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; recipe: {model.config.space} "
           f"{model.config.image_size}px, denoiser {sum(p.numel() for p in model.denoiser.parameters()) / 1e6:.2f}M")

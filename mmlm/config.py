@@ -234,7 +234,6 @@ class DataConfig:
     on_bad_image: str = "error"  # "error" stops at the first bad file; "skip" skips and counts
     allow_absolute_paths: bool = False
     max_image_pixels: int = 64_000_000
-    augment: bool = False
     caption_choice: str = "random"  # "random": one of a record's captions per epoch; "first": always the first
 
     def __post_init__(self):

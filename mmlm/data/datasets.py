@@ -86,8 +86,11 @@ def _pick_caption(captions: list[str], epoch: int | None, seed: int, key: int) -
 
 
 def _label(record: Record, label_field: str) -> str | None:
+    """The record's class label; ``"colour+kind"`` joins several attributes into one label ("red circle")."""
     if label_field == "label":
         return record.label
+    if "+" in label_field:
+        return " ".join(_label(record, part) or "" for part in label_field.split("+")).strip() or None
     if label_field not in record.attributes:
         raise DataError(f"{record.source}: label_field '{label_field}' is not an attribute "
                         f"(attributes: {', '.join(record.attributes) or 'none'})")
@@ -128,6 +131,10 @@ class ImageTextDataset(Dataset):
 
     def set_epoch(self, epoch: int | None) -> None:
         self.epoch = epoch
+
+    def label_of(self, index: int) -> str | None:
+        """The label of record ``index`` without decoding its image."""
+        return _label(self.records[index], self.label_field)
 
     @property
     def skipped(self) -> list[tuple[str, str]]:

@@ -26,7 +26,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def image_text_splits(config: RunConfig, model: nn.Module) -> dict[str, Dataset]:
     """The run's data splits, preprocessed the way ``model`` wants its images."""
-    return build_datasets(config.data, model.image_transform(train=config.data.augment), model.image_transform(False))
+    return build_datasets(config.data, model.image_transform(train=True), model.image_transform(train=False))
 
 
 def caption_corpus(config: RunConfig, texts_of=lambda record: record.captions) -> list[str]:

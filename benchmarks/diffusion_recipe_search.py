@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from mmlm.config import ShapesConfig, from_dict
@@ -139,13 +140,17 @@ class EMA:
             s.copy_(tmp)
 
 
-def evaluate(model, judge, prompts, attributes, scheduler, steps) -> float:
+def evaluate(model, judge, prompts, attributes, scheduler, steps, save: str | None = None) -> float:
     images = model.generate(prompts, num_inference_steps=steps, scheduler=scheduler, seed=0, batch_size=64)
+    if save:
+        grid = np.concatenate([np.concatenate([np.asarray(im) for im in images[r : r + 8]], 1)
+                               for r in range(0, len(images) - 7, 8)], 0)
+        Image.fromarray(grid).save(save)
     return judge_fidelity(judge, [np.asarray(im) for im in images], attributes)
 
 
 def run(recipe: str, overrides: dict, minutes: list[float], n_train: int, n_eval: int, judge_seconds: float,
-        seed: int, final_ddim: bool) -> None:
+        seed: int, final_ddim: bool, samples_dir: str | None = None) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     spec = copy.deepcopy(RECIPES[recipe])
@@ -198,7 +203,8 @@ def run(recipe: str, overrides: dict, minutes: list[float], n_train: int, n_eval
         if spent >= 60 * pending[0]:
             pending.pop(0)
             ema.swap()
-            fid = evaluate(model, judge, prompts, attributes, "dpm++", 20)
+            save = f"{samples_dir}/{recipe}_step{step}.png" if samples_dir else None
+            fid = evaluate(model, judge, prompts, attributes, "dpm++", 20, save)
             line = f"  {spent / 60:5.1f} min  step {step:5d}  loss {loss.item():.4f}  fidelity dpm++20 {fid:.1%}"
             if final_ddim and not pending:
                 line += f"  ddim50 {evaluate(model, judge, prompts, attributes, 'ddim', 50):.1%}"
@@ -232,6 +238,7 @@ def main() -> None:
     parser.add_argument("--judge-seconds", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--samples-dir", default=None, help="write a grid of the generated images at each checkpoint")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the script runs")
     args = parser.parse_args()
     if args.threads:
@@ -246,7 +253,7 @@ def main() -> None:
     if "denoiser" in overrides:
         overrides["denoiser"] = {**RECIPES[args.recipe]["denoiser"], **overrides["denoiser"]}
     run(args.recipe, overrides, args.minutes, args.n_train, args.n_eval, args.judge_seconds, args.seed,
-        final_ddim=True)
+        final_ddim=True, samples_dir=args.samples_dir)
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def main() -> None:
             best["bare PyTorch loop"] = min(best["bare PyTorch loop"], seconds_per_step(
                 lambda n: bare_loop(n, args.batch_size, args.width, lr, warmup), args.steps, args.skip))
             best["mmlm Trainer"] = min(best["mmlm Trainer"], seconds_per_step(
-                lambda n: harness_loop(n, args.batch_size, args.width, lr, warmup, Path(tmp) / f"run_{repeat}"),
+                lambda n, out=Path(tmp) / f"run_{repeat}": harness_loop(n, args.batch_size, args.width, lr, warmup, out),
                 args.steps, args.skip))
     bare = args.batch_size / best["bare PyTorch loop"]
     print(f"\nMLP {DIM}-{args.width}-{args.width}-{CLASSES}, batch {args.batch_size}, "

@@ -7,6 +7,7 @@ names the expected type. ``load_config`` reads a recipe YAML and applies ``a.b=c
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -129,6 +130,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"section '{section}': {err}") from err
+    except Exception as err:  # a __post_init__ check tripping over a value it did not expect (e.g. 0 heads)
+        raise ConfigError(f"section '{section}': invalid values {data!r:.200} ({type(err).__name__}: {err})") from err
     return obj
 
 
@@ -158,7 +161,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply dotted ``key=value`` overrides to a plain dict (validated later by ``from_dict``)."""
-    data = json.loads(json.dumps(data))
+    data = copy.deepcopy(data)  # not a JSON round trip: YAML values such as dates must reach validation intact
     for text in overrides:
         path, value = parse_override(text)
         node = data
@@ -302,7 +305,6 @@ class RunConfig:
 
     task: str = "captioning"  # captioning | classification | diffusion
     output_dir: str = "runs/default"
-    seed: int = 0
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: Any = None  # the task's model config dataclass (VLMConfig, TextToImageConfig, ...)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -23,9 +23,8 @@ from mmlm.train import (
     WarmupDecaySchedule,
     lr_factor,
     parameter_groups,
-    plot_loss_curve,
-    read_metrics,
 )
+from mmlm.eval.plots import read_metrics_jsonl as read_metrics
 
 
 class ToyNet(nn.Module):
@@ -101,7 +100,8 @@ def fresh_accelerate_state():
 
 
 def make_config(tmp_path, batch_size=8, **train) -> RunConfig:
-    defaults = dict(lr=1e-2, warmup_steps=2, max_steps=6, log_every=1, mixed_precision="no", max_grad_norm=None)
+    defaults = {"lr": 1e-2, "warmup_steps": 2, "max_steps": 6, "log_every": 1, "mixed_precision": "no",
+                "max_grad_norm": None}
     return RunConfig(
         task="toy",
         output_dir=str(tmp_path / "run"),
@@ -238,10 +238,10 @@ def test_config_errors_surface(tmp_path):
         from_dict(RunConfig, {"train": {"grad_accum_steps": 0}})
     task = ToyTask(make_config(tmp_path))
     bad = {
-        "max_steps, epochs or max_minutes": dict(max_steps=None),
-        "mixed_precision": dict(mixed_precision="fp8"),
-        "ema_decay": dict(ema_decay=1.5),
-        "keep_last": dict(keep_last=0),
+        "max_steps, epochs or max_minutes": {"max_steps": None},
+        "mixed_precision": {"mixed_precision": "fp8"},
+        "ema_decay": {"ema_decay": 1.5},
+        "keep_last": {"keep_last": 0},
     }
     for message, train in bad.items():
         with pytest.raises(ConfigError, match=message):
@@ -322,7 +322,3 @@ def test_ema_follows_the_weights_and_swaps_back():
         EMA(model, decay=1.0)
 
 
-def test_plot_loss_curve(tmp_path):
-    records = [{"step": s, "loss": 1.0 / s} for s in range(1, 30)] + [{"step": 10, "val/loss": 0.2}]
-    out = plot_loss_curve(records, tmp_path / "curve.png")
-    assert out.read_bytes()[:4] == b"\x89PNG"

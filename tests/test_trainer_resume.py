@@ -13,9 +13,16 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mmlm.config import DataConfig, RunConfig, TrainConfig
-from mmlm.train import CheckpointError, CheckpointWriteError, Task, Trainer, TrainingError, latest_checkpoint
+from mmlm.train import (
+    CheckpointError,
+    CheckpointWriteError,
+    Task,
+    Trainer,
+    TrainingError,
+    latest_checkpoint,
+)
 from mmlm.train import checkpoint as ckpt
-from mmlm.train.trainer import read_metrics
+from mmlm.eval.plots import read_metrics_jsonl as read_metrics
 
 
 class DropoutNet(nn.Module):
@@ -94,8 +101,9 @@ def reset_accelerate():
 
 def make_config(out: Path, **train) -> RunConfig:
     # 40 samples / batch 4 = 10 micro-batches = 5 steps per epoch with accumulation 2
-    defaults = dict(lr=5e-3, warmup_steps=3, max_steps=13, schedule="cosine", grad_accum_steps=2, ema_decay=0.9,
-                    save_every=3, eval_every=4, keep_last=5, log_every=1, mixed_precision="no", max_grad_norm=0.5)
+    defaults = {"lr": 5e-3, "warmup_steps": 3, "max_steps": 13, "schedule": "cosine", "grad_accum_steps": 2,
+                "ema_decay": 0.9, "save_every": 3, "eval_every": 4, "keep_last": 5, "log_every": 1,
+                "mixed_precision": "no", "max_grad_norm": 0.5}
     return RunConfig(task="noisy", output_dir=str(out), data=DataConfig(batch_size=4),
                      train=TrainConfig(**{**defaults, **train}))
 

@@ -24,10 +24,12 @@ DEFAULT_MAX_PIXELS = 64_000_000
 class BadImageError(DataError):
     """An image that cannot be used; ``.path`` names it and ``.reason`` says why."""
 
-    def __init__(self, path: Any, reason: str):
+    def __init__(self, path: Any, reason: str | None = None):
+        # The one-argument form lets DataLoader re-raise a worker's error as this type (it calls type(err)(message))
+        # instead of a bare RuntimeError.
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        self.reason = reason or ""
+        super().__init__(self.path if reason is None else f"{self.path}: {reason}")
 
 
 @dataclass

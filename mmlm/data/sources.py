@@ -53,6 +53,41 @@ def _decode_utf8(data: bytes, path: Path) -> str:
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start})") from err
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _lone_surrogate_at(value: Any, key: str) -> str | None:
+    """The key path of the first string holding a lone surrogate (a JSON "\\ud800" escape decodes to one)."""
+    if isinstance(value, str):
+        return None if _is_utf8(value) else key
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if isinstance(name, str) and not _is_utf8(name):
+                return f"a key of {key}"
+            found = _lone_surrogate_at(item, f"{key}.{name}")
+            if found:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate_at(item, f"{key}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _check_unicode(value: Any, where: str, key: str = "row") -> None:
+    """Refuse text that cannot be encoded as UTF-8: it would break tokenizers and every file written later."""
+    found = _lone_surrogate_at(value, key)
+    if found:
+        raise DataError(f"{where}: {found} holds invalid Unicode (a lone surrogate, e.g. the JSON escape "
+                        "\\ud800 on its own); write the text as valid UTF-8")
+
+
 def _resolve_image(value: Any, root: Path, where: str, allow_absolute_paths: bool, check_files: bool) -> Path:
     """An image path from a manifest, relative to ``root``; refuses escapes and (optionally) missing files."""
     if not isinstance(value, str) or not value.strip():
@@ -102,6 +137,7 @@ def _record_from_row(row: Any, root: Path, where: str, label_field: str, allow_a
                      check_files: bool) -> Record:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object with keys image, caption/captions, got {type(row).__name__}")
+    _check_unicode(row, where)
     if "image" not in row:
         raise DataError(f"{where}: missing key 'image' (found keys: {', '.join(map(str, row)) or 'none'})")
     captions = _captions_from(row, where)
@@ -174,17 +210,27 @@ def _load_json(path: Path) -> Any:
         raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
 
 
+def _coco_id(value: Any) -> bool:
+    """COCO ids are integers (some exporters write strings); anything else cannot be matched."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
 def _scan_coco(path: Path, label_field: str, allow_absolute_paths: bool, check_files: bool):
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
         raise DataError(f"{path}: COCO captions JSON needs lists 'images' and 'annotations'")
     captions: dict[Any, list[str]] = {}
-    ids = {img.get("id") for img in data["images"] if isinstance(img, dict)}
+    ids = {img["id"] for img in data["images"] if isinstance(img, dict) and _coco_id(img.get("id"))}
     for i, ann in enumerate(data["annotations"]):
         where = f"{path}:annotations[{i}]"
-        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            yield DataError(f"{where}: expected an object with 'image_id' and a string 'caption'")
+        if not isinstance(ann, dict) or not _coco_id(ann.get("image_id")) or not isinstance(ann.get("caption"), str):
+            yield DataError(f"{where}: expected an object with an integer 'image_id' and a string 'caption'")
+            continue
+        try:
+            _check_unicode(ann["caption"], where, "caption")
+        except DataError as err:
+            yield err
             continue
         if ann["image_id"] not in ids:
             yield DataError(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
@@ -192,17 +238,18 @@ def _scan_coco(path: Path, label_field: str, allow_absolute_paths: bool, check_f
         captions.setdefault(ann["image_id"], []).append(ann["caption"])
     for i, img in enumerate(data["images"]):
         where = f"{path.name}:images[{i}]"
-        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            yield DataError(f"{path}:images[{i}]: expected an object with 'id' and 'file_name'")
+        if not isinstance(img, dict) or not _coco_id(img.get("id")) or "file_name" not in img:
+            yield DataError(f"{path}:images[{i}]: expected an object with an integer 'id' and 'file_name'")
             continue
         try:
+            _check_unicode(img, where, "image")
             image = _resolve_image(img["file_name"], path.parent, where, allow_absolute_paths, check_files)
+            label = _label_from(img, label_field, where)
         except DataError as err:
             yield DataError(f"{path.parent}/{err}")
             continue
         extra = {k: v for k, v in img.items() if k not in ("file_name", label_field)}
-        yield Record(image=image, captions=captions.get(img["id"], []), label=_label_from(img, label_field, where),
-                     attributes=extra, source=where)
+        yield Record(image=image, captions=captions.get(img["id"], []), label=label, attributes=extra, source=where)
 
 
 def _scan_imagefolder(root: Path):

@@ -404,28 +404,29 @@ class VisionLanguageModel(nn.Module):
         prefix = self.prompt_ids(prefix_text)
         n_img, n_lab = pixel_values.shape[0], len(labels)
         prefix_ids = torch.tensor([prefix] * n_img, device=self.device)
-        prefix_mask = torch.ones_like(prefix_ids)
+        prefix_mask = torch.ones_like(prefix_ids)  # one prompt for all images: no padding
         out = self._lm_step(inputs_embeds=self.embed(prefix_ids, pixel_values), attention_mask=prefix_mask,
                             position_ids=positions_from_mask(prefix_mask))
         first_logprobs = out.logits[:, -1].float().log_softmax(-1)  # predicts each answer's first token
         prefix_cache = output_cache(out)
-        answer_ids, answer_mask = tokens_to_tensor(answers, self.pad_token_id, left=False)
-        answer_ids, answer_mask = answer_ids.to(self.device), answer_mask.to(self.device)
-        positions = torch.arange(answer_ids.shape[1], device=self.device) + len(prefix)
         scores = torch.empty(n_img, n_lab, device=self.device)
-        step = max(1, max_rows // n_img)
-        for lo in range(0, n_lab, step):
-            ids, mask = answer_ids[lo:lo + step], answer_mask[lo:lo + step]
-            k = ids.shape[0]
-            cache = prefix_cache if lo + step >= n_lab else copy.deepcopy(prefix_cache)
+        # Labels of equal token length run together (no padding); chunks bound the rows per LM call.
+        by_length: dict[int, list[int]] = {}
+        for j, ids in enumerate(answers):
+            by_length.setdefault(len(ids), []).append(j)
+        chunks = [(n, group[lo:lo + max(1, max_rows // n_img)]) for n, group in sorted(by_length.items())
+                  for lo in range(0, len(group), max(1, max_rows // n_img))]
+        for c, (length, group) in enumerate(chunks):
+            k = len(group)
+            cache = prefix_cache if c == len(chunks) - 1 else copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(k)  # image i's prefix repeated for its k labels
-            ids_rep, mask_rep = ids.repeat(n_img, 1), mask.repeat(n_img, 1)
-            full_mask = torch.cat([prefix_mask.repeat_interleave(k, 0), mask_rep], dim=1)
-            logits = self._lm_step(cache, input_ids=ids_rep, attention_mask=full_mask,
-                                   position_ids=positions.expand_as(ids_rep)).logits.float()
+            ids = torch.tensor([answers[j] for j in group], device=self.device).repeat(n_img, 1)
+            mask = torch.ones(n_img * k, len(prefix) + length, dtype=torch.long, device=self.device)
+            positions = (torch.arange(length, device=self.device) + len(prefix)).expand_as(ids)
+            logits = self._lm_step(cache, input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
             logprobs = torch.cat([first_logprobs.repeat_interleave(k, 0)[:, None], logits[:, :-1].log_softmax(-1)], 1)
-            token_lp = logprobs.gather(-1, ids_rep[..., None]).squeeze(-1) * mask_rep
-            scores[:, lo:lo + k] = (token_lp.sum(1) / mask_rep.sum(1)).view(n_img, k)
+            token_lp = logprobs.gather(-1, ids[..., None]).squeeze(-1)
+            scores[:, group] = token_lp.mean(1).view(n_img, k)
         return scores
 
     def _label_scores_naive(self, pixel_values: torch.Tensor, prompt: str, answers: list[str]) -> torch.Tensor:

@@ -41,7 +41,7 @@ class DiffusionTask(Task):
         n = min(len(train), AUTOENCODER_IMAGES)
         images = torch.stack([train[i]["pixel_values"] for i in range(n)])
         started = time.perf_counter()
-        stats = model.fit_autoencoder(images, seed=self.config.seed)
+        stats = model.fit_autoencoder(images, seed=self.config.train.seed)
         stats["seconds"] = time.perf_counter() - started
         self.autoencoder_stats = stats
         return stats
@@ -71,7 +71,7 @@ class DiffusionTask(Task):
         if path.is_file():
             return ShapesJudge.load(path), {}
         judge, report = train_shapes_judge(steps=self.config.eval.judge_steps,
-                                           image_size=self.config.model.image_size, seed=self.config.seed)
+                                           image_size=self.config.model.image_size, seed=self.config.train.seed)
         judge.save(path)
         return judge, report
 
@@ -84,7 +84,7 @@ class DiffusionTask(Task):
         for spec in cfg.eval.samplers:
             name, _, steps = spec.partition(":")
             started = time.perf_counter()
-            images = model.generate(prompts, num_inference_steps=int(steps or 20), scheduler=name, seed=cfg.seed)
+            images = model.generate(prompts, num_inference_steps=int(steps or 20), scheduler=name, seed=cfg.train.seed)
             generated[spec] = images
             metrics[f"seconds_per_image/{spec}"] = (time.perf_counter() - started) / len(images)
         main = generated[cfg.eval.samplers[0]]

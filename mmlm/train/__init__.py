@@ -2,7 +2,12 @@
 
 from mmlm.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from mmlm.train.ema import EMA
-from mmlm.train.optim import WarmupDecaySchedule, build_optimizer, lr_factor, parameter_groups
+from mmlm.train.optim import (
+    WarmupDecaySchedule,
+    build_optimizer,
+    lr_factor,
+    parameter_groups,
+)
 from mmlm.train.task import Task
 from mmlm.train.trainer import (
     CheckpointWriteError,
@@ -10,8 +15,6 @@ from mmlm.train.trainer import (
     NonFiniteLossError,
     Trainer,
     TrainingError,
-    plot_loss_curve,
-    read_metrics,
     resolve_mixed_precision,
 )
 
@@ -30,7 +33,5 @@ __all__ = [
     "list_checkpoints",
     "lr_factor",
     "parameter_groups",
-    "plot_loss_curve",
-    "read_metrics",
     "resolve_mixed_precision",
 ]

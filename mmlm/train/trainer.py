@@ -19,6 +19,7 @@ elapsed time (see :mod:`mmlm.train.optim`) and so cannot.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -31,11 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
+from mmlm.eval.plots import plot_loss_curve, read_metrics_jsonl
 from mmlm.config import ConfigError, RunConfig, TrainConfig, save_yaml, to_dict
 from mmlm.train import checkpoint as ckpt
 from mmlm.train.ema import EMA
@@ -70,6 +73,14 @@ def launched_processes() -> int:
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return 1
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state (precision, accumulation) left by an earlier Trainer."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 def has_accelerator() -> bool:
@@ -130,58 +141,6 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` file (an absent file reads as no records)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number}: not JSON ({err})") from err
-    return records
-
-
-def plot_loss_curve(records: Iterable[dict[str, Any]] | Path, out_path: Path, title: str | None = None) -> Path:
-    """Training loss (and any ``*loss`` eval metric) against step, as a PNG (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if isinstance(records, (str, Path)):
-        records = read_metrics(Path(records))
-    records = list(records)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
-    evals: dict[str, list[tuple[int, float]]] = {}
-    for r in records:
-        for key, value in r.items():
-            if key != "loss" and key.endswith("loss") and isinstance(value, (int, float)):
-                evals.setdefault(key, []).append((r["step"], value))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
-    for key, points in evals.items():
-        ax.plot(*zip(*points), marker="o", label=key)
-    values = [v for _, v in train] + [v for pts in evals.values() for _, v in pts]
-    if values and min(values) > 0 and max(values) / min(values) > 20:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title or "loss")
-    ax.grid(alpha=0.3)
-    if train or evals:
-        ax.legend()
-    fig.tight_layout()
-    out_path = Path(out_path)
-    fig.savefig(out_path)
-    plt.close(fig)
-    return out_path
-
-
 class MetricsLog:
     """Appends JSON records to ``metrics.jsonl`` and, when installed, to TensorBoard."""
 
@@ -189,7 +148,7 @@ class MetricsLog:
         self.path = Path(path)
         kept = []
         if resume_step is not None:  # drop records a crashed run wrote after its last checkpoint
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            kept = [r for r in read_metrics_jsonl(self.path) if r.get("step", 0) <= resume_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self._file = self.path.open("a", encoding="utf-8")
         self._tensorboard = None
@@ -219,6 +178,21 @@ class MetricsLog:
 # ------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class _Window:
+    """Steps since the last log record: mean loss and samples/s."""
+
+    loss_sum: float = 0.0
+    steps: int = 0
+    samples: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, samples: int) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.samples += samples
+
+
 class Trainer:
     """Train ``task`` as ``config`` says; ``resume=True`` continues from the latest checkpoint.
 
@@ -238,6 +212,8 @@ class Trainer:
         if train.num_threads:
             torch.set_num_threads(train.num_threads)
 
+        if launched_processes() == 1:
+            reset_accelerate_state()  # several runs in one process (the demo, notebooks) each get their own settings
         # accelerate treats a plain torchrun on a CPU-only machine as one process unless told cpu=True
         cpu_processes = launched_processes() > 1 and not has_accelerator()
         self.accelerator = Accelerator(
@@ -399,7 +375,7 @@ class Trainer:
         if self.is_main:
             try:
                 fn()
-            except Exception as err:  # re-raised below on every process
+            except Exception as err:  # noqa: BLE001 - re-raised below on every process
                 error = err
         if self._any_failed(error):
             if error is not None:
@@ -495,7 +471,7 @@ class Trainer:
         if self.is_main:
             try:
                 result = self._evaluate_here(split)
-            except Exception as err:  # re-raised below, after telling the other processes
+            except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other processes
                 failure = err
                 result = f"{type(err).__name__}: {err}"
         if self.accelerator.num_processes > 1:
@@ -573,29 +549,56 @@ class Trainer:
 
     def _done(self) -> bool:
         train = self.config.train
-        if self.total_steps is not None and self.step >= self.total_steps:
-            return True
-        if train.max_minutes is not None and self.elapsed_s >= train.max_minutes * 60:
-            return True
-        if self.steps_per_epoch is None and train.epochs is not None and self.epoch >= train.epochs:
-            return True
-        return False
+        return (
+            (self.total_steps is not None and self.step >= self.total_steps)
+            or (train.max_minutes is not None and self.elapsed_s >= train.max_minutes * 60)
+            # a train split without a length ends epochs only when it runs out
+            or (self.steps_per_epoch is None and train.epochs is not None and self.epoch >= train.epochs)
+        )
+
+    def _autocast(self):
+        if self.accelerator.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return self.accelerator.autocast()
+
+    # accelerate's AcceleratedOptimizer.step/zero_grad and clip_grad_norm_ look up optional
+    # packages, signatures and DTensors on every call (~0.4 ms per step on a small CPU). For
+    # plain DDP or one device without a GradScaler (fp16) they only forward to torch, so the
+    # trainer calls torch directly there and leaves FSDP/DeepSpeed/XLA/fp16 to accelerate.
+    @property
+    def _plain_torch_path(self) -> bool:
+        return self.accelerator.scaler is None and self.accelerator.distributed_type in (
+            DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
+    def _clip_gradients(self, max_norm: float) -> float:
+        if self._plain_torch_path:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def _optimizer_step(self) -> None:
+        plain = self._plain_torch_path and isinstance(self.optimizer, AcceleratedOptimizer)
+        optimizer = self.optimizer.optimizer if plain else self.optimizer
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def _sync_step_stats(self, loss_sum: torch.Tensor, micro_batches: int, clock_start: float) -> tuple[float, float]:
         """Mean loss over processes and the main process's elapsed time, in one collective."""
+        if self.accelerator.num_processes == 1:
+            return (loss_sum.float() / micro_batches).item(), time.perf_counter() - clock_start
         elapsed = time.perf_counter() - clock_start if self.is_main else 0.0
         stats = torch.stack([loss_sum.float() / micro_batches, torch.tensor(elapsed, device=loss_sum.device)])
         stats = self.accelerator.reduce(stats, "sum")
         return stats[0].item() / self.accelerator.num_processes, stats[1].item()
 
-    def _log_record(self, window: dict[str, float], grad_norm: float | None) -> dict[str, Any]:
-        seconds = max(time.perf_counter() - window["t0"], 1e-9)
+    def _log_record(self, window: _Window, grad_norm: float | None) -> dict[str, Any]:
+        seconds = max(time.perf_counter() - window.start, 1e-9)
         record = {
             "step": self.step,
             "epoch": self.epoch_progress,
-            "loss": window["loss"] / window["steps"],
+            "loss": window.loss_sum / window.steps,
             "lr": self.config.train.lr * self._lr_factor_used,
-            "samples_per_s": window["samples"] / seconds,
+            "samples_per_s": window.samples / seconds,
             "elapsed_s": round(self.elapsed_s, 3),
         }
         if any(not math.isclose(lr, record["lr"]) for lr in self._lrs_used.values()):
@@ -606,116 +609,134 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until ``max_steps`` / ``epochs`` / ``max_minutes``; return final metrics and paths."""
-        acc, train = self.accelerator, self.config.train
-        log = None
+        self._log = None
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(to_dict(self.config), self.output_dir / "config.yaml")
-            log = MetricsLog(self.output_dir / "metrics.jsonl", self.step if self.resumed_from else None)
-        acc.wait_for_everyone()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.is_main, dynamic_ncols=True)
-        if self.is_main and self.step == 0:
-            trainable = sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)
-            bar.write(
-                f"mmlm: {type(self.task).__name__} on {acc.num_processes} x {acc.device.type} "
-                f"({acc.mixed_precision}), {trainable:,} trainable parameters, global batch {self.global_batch_size}, "
-                f"{self.total_steps or '?'} steps"
-            )
-        clock_start = time.perf_counter() - self.elapsed_s
-        window = {"loss": 0.0, "steps": 0, "samples": 0, "t0": time.perf_counter()}
-        last_metrics: dict[str, float] = {}
-        last_eval_step = last_save_step = None
-        last_loss = float("nan")
-        grad_norm = None
-        loss_sum, micro_batches = None, 0
+            self._log = MetricsLog(self.output_dir / "metrics.jsonl", self.step if self.resumed_from else None)
+        self.accelerator.wait_for_everyone()
+        self._bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.is_main,
+                         dynamic_ncols=True)
+        self._announce()
+        self._clock_start = time.perf_counter() - self.elapsed_s
+        self._window = _Window()
+        self._last_loss, self._grad_norm = float("nan"), None
+        self._loss_sum, self._micro_batches = None, 0
+        self._last_metrics: dict[str, float] = {}
+        self._last_eval_step = self._last_save_step = None
         try:
             while not self._done():
                 loader = self._epoch_loader()
-                stopped_early = False
+                finished_epoch = True
                 for batch in loader:
-                    with acc.accumulate(self.model):
-                        with acc.autocast():
-                            loss = self.task.training_loss(self.train_model, batch)
-                        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-                            raise TrainingError(
-                                f"{type(self.task).__name__}.training_loss must return a scalar tensor, got "
-                                f"{getattr(loss, 'shape', type(loss).__name__)}"
-                            )
-                        acc.backward(loss)
-                        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-                        micro_batches += 1
-                        self.batch_in_epoch += 1
-                        if acc.sync_gradients:
-                            last_loss, self.elapsed_s = self._sync_step_stats(loss_sum, micro_batches, clock_start)
-                            if not math.isfinite(last_loss):
-                                raise NonFiniteLossError(
-                                    f"loss is {last_loss} at step {self.step + 1} (epoch {self.epoch}); the optimiser "
-                                    f"did not step on it. Last good checkpoint: "
-                                    f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}"
-                                )
-                            if train.max_grad_norm is not None:
-                                grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), train.max_grad_norm))
-                            self.optimizer.step()
-                            self.optimizer.zero_grad(set_to_none=True)
-                    if not acc.sync_gradients:
-                        continue
-                    samples = micro_batches * self.config.data.batch_size * acc.num_processes
-                    loss_sum, micro_batches = None, 0
-                    self.step += 1
-                    self.samples_seen += samples
-                    self._lrs_used = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-                    self._lr_factor_used = self.schedule.get_last_lr()[0] / self.schedule.base_lrs[0]
-                    if train.max_minutes is not None:
-                        self.schedule.set_time_fraction(self.elapsed_s / (train.max_minutes * 60))
-                    self.scheduler.step()
-                    if self.ema is not None:
-                        self.ema.update()
-                    window["loss"] += last_loss
-                    window["steps"] += 1
-                    window["samples"] += samples
-                    bar.update(1)
-                    done = self._done()
-                    if self.step % train.log_every == 0 or done:
-                        record = self._log_record(window, grad_norm)
-                        if log is not None:
-                            log.write(record)
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-                        window = {"loss": 0.0, "steps": 0, "samples": 0, "t0": time.perf_counter()}
-                    pause_start = time.perf_counter()  # evaluation and saving do not count in samples/s
-                    if train.eval_every and self.step % train.eval_every == 0 and "val" in self.datasets:
-                        last_metrics = self._evaluate_and_log("val", log)
-                        last_eval_step = self.step
-                    if train.save_every and self.step % train.save_every == 0:
-                        self.save_checkpoint()
-                        last_save_step = self.step
-                    window["t0"] += time.perf_counter() - pause_start
-                    if done:
-                        stopped_early = True
+                    if self._train_micro_batch(batch) and self._end_of_step():
+                        finished_epoch = False
                         break
-                if stopped_early:
+                if not finished_epoch:
                     if hasattr(loader, "end"):
                         loader.end()  # leaving an epoch early: unregister it from accelerate's gradient state
                     break
-                self.epoch += 1
-                self.batch_in_epoch = 0
-            if "val" in self.datasets and last_eval_step != self.step:
-                last_metrics = self._evaluate_and_log("val", log)
-            for split in self.config.eval.splits:
-                if split != "val" and split in self.datasets:
-                    last_metrics.update(self._evaluate_and_log(split, log, track_best=False))
-            if last_save_step != self.step:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self._final_evaluation()
+            if self._last_save_step != self.step:
                 self.save_checkpoint()
-            result = self._finish(last_metrics, last_loss)
+            return self._finish(self._last_metrics, self._last_loss)
         finally:
-            bar.close()
-            if log is not None:
-                log.close()
-        return result
+            self._bar.close()
+            if self._log is not None:
+                self._log.close()
 
-    def _evaluate_and_log(self, split: str, log: MetricsLog | None, track_best: bool = True) -> dict[str, float]:
+    def _announce(self) -> None:
+        if not self.is_main:
+            return
+        acc = self.accelerator
+        trainable = sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)
+        where = f"resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "from scratch"
+        self._bar.write(
+            f"mmlm: {type(self.task).__name__} {where} on {acc.num_processes} x {acc.device.type} "
+            f"({acc.mixed_precision}), {trainable:,} trainable parameters, global batch {self.global_batch_size}, "
+            f"{self.total_steps or '?'} steps"
+        )
+
+    def _train_micro_batch(self, batch: Any) -> bool:
+        """Forward and backward one micro-batch; step the optimiser when accumulation is complete.
+
+        Returns whether an optimiser step happened.
+        """
+        acc, train = self.accelerator, self.config.train
+        with acc.accumulate(self.model):
+            with self._autocast():
+                loss = self.task.training_loss(self.train_model, batch)
+            if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                raise TrainingError(
+                    f"{type(self.task).__name__}.training_loss must return a scalar tensor, got "
+                    f"{getattr(loss, 'shape', type(loss).__name__)}"
+                )
+            acc.backward(loss)
+            self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
+            self._micro_batches += 1
+            self.batch_in_epoch += 1
+            if not acc.sync_gradients:
+                return False
+            self._last_loss, self.elapsed_s = self._sync_step_stats(self._loss_sum, self._micro_batches,
+                                                                    self._clock_start)
+            if not math.isfinite(self._last_loss):
+                raise NonFiniteLossError(
+                    f"loss is {self._last_loss} at step {self.step + 1} (epoch {self.epoch}); the optimiser did not "
+                    f"step on it. Last good checkpoint: {self.last_checkpoint or 'none (no checkpoint was written yet)'}"
+                )
+            if train.max_grad_norm is not None:
+                self._grad_norm = self._clip_gradients(train.max_grad_norm)
+            self._optimizer_step()
+            return True
+
+    def _end_of_step(self) -> bool:
+        """Book-keeping after an optimiser step: schedule, EMA, logging, evaluation, checkpoint.
+
+        Returns whether training is done.
+        """
+        train = self.config.train
+        samples = self._micro_batches * self.config.data.batch_size * self.accelerator.num_processes
+        self._loss_sum, self._micro_batches = None, 0
+        self.step += 1
+        self.samples_seen += samples
+        self._lrs_used = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        self._lr_factor_used = self.schedule.get_last_lr()[0] / self.schedule.base_lrs[0]
+        if train.max_minutes is not None:
+            self.schedule.set_time_fraction(self.elapsed_s / (train.max_minutes * 60))
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
+        self._window.add(self._last_loss, samples)
+        self._bar.update(1)
+        done = self._done()
+        if self.step % train.log_every == 0 or done:
+            record = self._log_record(self._window, self._grad_norm)
+            if self._log is not None:
+                self._log.write(record)
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+            self._window = _Window()
+        pause_start = time.perf_counter()  # evaluation and saving do not count in samples/s
+        if train.eval_every and self.step % train.eval_every == 0 and "val" in self.datasets:
+            self._last_metrics = self._evaluate_and_log("val")
+            self._last_eval_step = self.step
+        if train.save_every and self.step % train.save_every == 0:
+            self.save_checkpoint()
+            self._last_save_step = self.step
+        self._window.start += time.perf_counter() - pause_start
+        return done
+
+    def _final_evaluation(self) -> None:
+        if "val" in self.datasets and self._last_eval_step != self.step:
+            self._last_metrics = self._evaluate_and_log("val")
+        for split in self.config.eval.splits:
+            if split != "val" and split in self.datasets:
+                self._last_metrics.update(self._evaluate_and_log(split, track_best=False))
+
+    def _evaluate_and_log(self, split: str, track_best: bool = True) -> dict[str, float]:
         metrics = self.evaluate(split)
-        if log is not None:
-            log.write({"step": self.step, **metrics})
+        if self._log is not None:
+            self._log.write({"step": self.step, **metrics})
         if self.is_main:
             tqdm.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if track_best and split == "val":
@@ -735,8 +756,7 @@ class Trainer:
 
         def save_final() -> None:
             self._save_model_to(self.output_dir / "model")
-            plot_loss_curve(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png",
-                            title=f"{type(self.task).__name__}: {self.output_dir.name}")
+            plot_loss_curve(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png")
 
         self._on_main("saving the final model", save_final)
         summary: dict[str, Any] = {"step": self.step, "epoch": self.epoch_progress, "train/loss": last_loss,

@@ -149,7 +149,7 @@ def evaluate(model, judge, prompts, attributes, scheduler, steps, save: str | No
     return judge_fidelity(judge, [np.asarray(im) for im in images], attributes)
 
 
-def run(recipe: str, overrides: dict, minutes: list[float], n_train: int, n_eval: int, judge_seconds: float,
+def run(recipe: str, overrides: dict, minutes: list[float], at_steps: list[int], n_train: int, n_eval: int, judge_seconds: float,
         seed: int, final_ddim: bool, samples_dir: str | None = None) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
@@ -185,7 +185,9 @@ def run(recipe: str, overrides: dict, minutes: list[float], n_train: int, n_eval
     n_params = sum(p.numel() for p in model.denoiser.parameters())
     print(f"  denoiser {n_params / 1e6:.2f}M params; batch {train_cfg['batch_size']}", flush=True)
 
-    step, spent, pending = 0, time.perf_counter() - clock, sorted(minutes)
+    step, spent = 0, time.perf_counter() - clock
+    pending = sorted(at_steps) if at_steps else sorted(minutes)
+    due = (lambda: step >= pending[0]) if at_steps else (lambda: spent >= 60 * pending[0])
     model.train()
     while pending:
         tick = time.perf_counter()
@@ -200,7 +202,7 @@ def run(recipe: str, overrides: dict, minutes: list[float], n_train: int, n_eval
         ema.update()
         step += 1
         spent += time.perf_counter() - tick
-        if spent >= 60 * pending[0]:
+        if due():
             pending.pop(0)
             ema.swap()
             save = f"{samples_dir}/{recipe}_step{step}.png" if samples_dir else None
@@ -233,6 +235,7 @@ def main() -> None:
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="latent32")
     parser.add_argument("--set", nargs="*", default=[], help="overrides, e.g. lr=1e-3 denoiser.num_heads=2")
     parser.add_argument("--minutes", type=float, nargs="+", default=[2.5, 5.0, 10.0])
+    parser.add_argument("--at-steps", type=int, nargs="*", default=[], help="evaluate at these steps instead")
     parser.add_argument("--n-train", type=int, default=5000)
     parser.add_argument("--n-eval", type=int, default=96)
     parser.add_argument("--judge-seconds", type=float, default=40.0)
@@ -245,14 +248,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.set)
     if args.quick:
-        args.minutes, args.n_train, args.n_eval, args.judge_seconds = [0.1, 0.2], 256, 16, 5.0
+        args.minutes, args.at_steps, args.n_train, args.n_eval, args.judge_seconds = [0.1, 0.2], [], 256, 16, 5.0
         if RECIPES[args.recipe]["space"] == "latent":
             overrides.setdefault("vae", {})["train_steps"] = 10
     if "vae" in overrides and isinstance(RECIPES[args.recipe].get("vae"), dict):
         overrides["vae"] = {**RECIPES[args.recipe]["vae"], **overrides["vae"]}
     if "denoiser" in overrides:
         overrides["denoiser"] = {**RECIPES[args.recipe]["denoiser"], **overrides["denoiser"]}
-    run(args.recipe, overrides, args.minutes, args.n_train, args.n_eval, args.judge_seconds, args.seed,
+    run(args.recipe, overrides, args.minutes, args.at_steps, args.n_train, args.n_eval, args.judge_seconds, args.seed,
         final_ddim=True, samples_dir=args.samples_dir)
 
 

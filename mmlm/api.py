@@ -79,13 +79,17 @@ def model_kind(path: str | Path) -> str:
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a saved mmlm model (no config.json)")
     try:
-        kind = json.loads(config_file.read_text(encoding="utf-8")).get("mmlm_model_type")
-    except json.JSONDecodeError as err:
+        meta = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_file}: invalid JSON ({err})") from err
-    if kind not in ("vision_language", "text_to_image"):
-        raise ValueError(f"{config_file}: key 'mmlm_model_type' is {kind!r}; "
-                         "expected 'vision_language' or 'text_to_image' (was this folder saved by mmlm?)")
-    return kind
+    class_name = meta.get("model_class") or meta.get("_class_name") if isinstance(meta, dict) else None
+    if class_name not in _MODEL_KINDS:
+        raise ValueError(f"{config_file}: model class is {class_name!r}; expected one of {', '.join(_MODEL_KINDS)} "
+                         "(was this folder saved by mmlm?)")
+    return _MODEL_KINDS[class_name]
+
+
+_MODEL_KINDS = {"VisionLanguageModel": "vision_language", "TextToImage": "text_to_image"}
 
 
 def load_vlm(path: str | Path):

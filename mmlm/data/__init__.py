@@ -17,19 +17,23 @@ from .shapes import (
 )
 from .digits import DIGIT_WORDS, digits_records
 from .datasets import (
+    DataWorkerError,
     ImageTextDataset,
     StreamingImageTextDataset,
     build_datasets,
     collate_image_text,
+    explain_worker_failure,
+    guard_workers,
     split_records,
     summarize,
 )
 from .inspect import inspect_manifest, write_shapes_cli
 
 __all__ = [
-    "BadImageError", "COLOURS", "DIGIT_WORDS", "DataError", "HELD_OUT_PAIRS", "ImageInfo", "ImageTextDataset",
-    "POSITIONS", "Record", "SHAPE_KINDS", "SIZES", "ShapesRecords", "StreamingImageTextDataset", "build_datasets",
-    "canonical_caption", "captions_match", "collate_image_text", "detect_format", "digits_records",
-    "generate_shapes", "image_info", "inspect_manifest", "iter_records", "load_image", "parse_caption",
-    "read_records", "scan_records", "split_records", "summarize", "write_dataset", "write_shapes_cli",
+    "BadImageError", "COLOURS", "DIGIT_WORDS", "DataError", "DataWorkerError", "HELD_OUT_PAIRS", "ImageInfo",
+    "ImageTextDataset", "POSITIONS", "Record", "SHAPE_KINDS", "SIZES", "ShapesRecords", "StreamingImageTextDataset",
+    "build_datasets", "canonical_caption", "captions_match", "collate_image_text", "detect_format", "digits_records",
+    "explain_worker_failure", "generate_shapes", "guard_workers", "image_info", "inspect_manifest", "iter_records",
+    "load_image", "parse_caption", "read_records", "scan_records", "split_records", "summarize", "write_dataset",
+    "write_shapes_cli",
 ]

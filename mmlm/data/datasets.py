@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import collections
 import os
+import re
+import shutil
 import statistics
 import tempfile
 import weakref
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +74,110 @@ class SkipLog:
         return list(seen.items())
 
 
+class DataWorkerError(DataError):
+    """A DataLoader worker died or hung; the message names the item(s) it was reading."""
+
+
+class WorkerProgress:
+    """What each DataLoader worker process is reading right now: one small file per worker pid.
+
+    A worker that crashes (a decoder segfault, the OOM killer) or hangs takes its Python state with
+    it; this record survives it, so the error can name the file instead of a bare "worker exited
+    unexpectedly" or "DataLoader timed out". In the main process nothing is written.
+    """
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="mmlm-workers-")
+        self._finalizer = weakref.finalize(self, _remove_tree_if_owner, self.folder, os.getpid())
+
+    def __getstate__(self):
+        return {"folder": self.folder}  # workers write into the same folder; only the creator deletes it
+
+    def __setstate__(self, state):
+        self.folder = state["folder"]
+
+    def start(self, source: str) -> None:
+        if get_worker_info() is not None:
+            Path(self.folder, str(os.getpid())).write_text(source, encoding="utf-8", errors="replace")
+
+    def done(self) -> None:
+        if get_worker_info() is not None:
+            Path(self.folder, str(os.getpid())).write_text("", encoding="utf-8")
+
+    def in_flight(self, alive_only: bool = False) -> dict[int, str]:
+        """{worker pid: the item it started and has not finished}; ``alive_only`` drops exited workers."""
+        found = {}
+        for path in Path(self.folder).glob("[0-9]*"):
+            try:
+                source = path.read_text(encoding="utf-8")
+            except OSError:
+                continue
+            if source and (not alive_only or _is_running(int(path.name))):
+                found[int(path.name)] = source
+        return found
+
+    def forget(self, pid: int) -> None:
+        Path(self.folder, str(pid)).unlink(missing_ok=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) still answers kill(0)
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _remove_tree_if_owner(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_WORKER_DIED = re.compile(r"DataLoader worker \(pids?\(?s?\)? ([\d, ]+)\)")
+
+
+def explain_worker_failure(error: BaseException, dataset: Any) -> DataWorkerError | None:
+    """A DataWorkerError naming what the dead or stuck worker(s) were reading, or None if ``error`` is not
+    a worker death / timeout (or ``dataset`` does not track its workers)."""
+    progress = getattr(dataset, "worker_progress", None)
+    text = str(error)
+    if progress is None or not isinstance(error, RuntimeError):
+        return None
+    in_flight = progress.in_flight()
+    died = _WORKER_DIED.search(text)
+    if died:
+        pids = [int(p) for p in re.findall(r"\d+", died.group(1))]
+        items = [f"pid {pid} was reading {in_flight[pid]}" for pid in pids if pid in in_flight]
+        for pid in pids:
+            progress.forget(pid)
+        what = "; ".join(items) or f"it had finished its last item (pids {', '.join(map(str, pids))})"
+        return DataWorkerError(f"a DataLoader worker died: {what}. Check that file (a decoder crash) or the "
+                               f"memory limit; data.num_workers=0 reproduces it in the main process [{text.strip()}]")
+    if "timed out" in text:
+        in_flight = progress.in_flight(alive_only=True)
+        items = "; ".join(f"pid {pid} is reading {source}" for pid, source in sorted(in_flight.items()))
+        return DataWorkerError(f"{text.strip()}: {items or 'no worker was inside an item (a stalled collate?)'}")
+    return None
+
+
+def guard_workers(batches: Iterable, dataset: Any) -> Iterator:
+    """Iterate ``batches`` (a DataLoader over ``dataset``); a dead or stuck worker raises a DataWorkerError
+    naming the item it was reading, instead of torch's bare RuntimeError."""
+    iterator = iter(batches)  # held here, so its workers are still alive while the failure is explained
+    try:
+        yield from iterator
+    except RuntimeError as err:
+        explained = explain_worker_failure(err, dataset)
+        if explained is None:
+            raise
+        raise explained from err
+
+
 def _check_policy(on_bad_image: str) -> None:
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
@@ -125,6 +231,7 @@ class ImageTextDataset(Dataset):
         self.epoch: int | None = None
         self._bad: set[int] = set()  # per process: known-bad indices are not decoded again
         self._log = SkipLog()
+        self.worker_progress = WorkerProgress()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -148,6 +255,8 @@ class ImageTextDataset(Dataset):
             if i in self._bad:
                 continue
             record = self.records[i]
+            self.worker_progress.start(f"{record.image} (record {record.source})" if record.source
+                                       else str(record.image))
             try:
                 return i, record, load_image(record.image, max_pixels=self.max_pixels)
             except BadImageError as err:
@@ -163,7 +272,9 @@ class ImageTextDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self.records)} records")
         i, record, image = self._load(index)
         caption = _pick_caption(record.captions, self.epoch, self.seed, i)
-        return _sample(record, image, self.transform, caption, self.label_field, i)
+        sample = _sample(record, image, self.transform, caption, self.label_field, i)
+        self.worker_progress.done()
+        return sample
 
 
 def _hash_fraction(key: str) -> float:
@@ -195,6 +306,7 @@ class StreamingImageTextDataset(IterableDataset):
         self.holdout = holdout
         self.epoch: int | None = None
         self._log = SkipLog()
+        self.worker_progress = WorkerProgress()
 
     def set_epoch(self, epoch: int | None) -> None:
         self.epoch = epoch
@@ -225,6 +337,7 @@ class StreamingImageTextDataset(IterableDataset):
                     continue
                 if not self._keep(item):
                     continue
+                self.worker_progress.start(f"{shard}:{item.source.split(':', 1)[-1]}")
                 try:
                     image = load_image(item.image, max_pixels=self.max_pixels)
                 except BadImageError as err:
@@ -234,7 +347,9 @@ class StreamingImageTextDataset(IterableDataset):
                     continue
                 key = zlib.crc32(item.source.encode("utf-8"))
                 caption = _pick_caption(item.captions, self.epoch, self.seed, key)
-                yield _sample(item, image, self.transform, caption, self.label_field, key)
+                sample = _sample(item, image, self.transform, caption, self.label_field, key)
+                self.worker_progress.done()
+                yield sample
 
 
 def collate_image_text(batch: list[dict]) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmlm.eval import classification_report, save_confusion_matrix_png
+from mmlm.eval import classification_report, save_confusion_matrix_png, write_metrics
 from mmlm.tasks.captioning import VisionLanguageTask, vlm_display_image
 from mmlm.tasks.common import caption_corpus, iterate_dataset
 
@@ -32,6 +32,8 @@ class ClassificationTask(VisionLanguageTask):
         """Candidate labels: ``eval.labels`` when given, else every label of the training split, sorted."""
         if self.config.eval.labels:
             return list(self.config.eval.labels)
+        if self.config.data.source == "shapes":
+            return shapes_label_space(self.config.data.label_field)
         from mmlm.data.datasets import build_datasets
 
         train = (datasets or build_datasets(self.config.data, None, None))["train"]
@@ -73,6 +75,21 @@ class ClassificationTask(VisionLanguageTask):
         from mmlm.eval.plots import image_grid
 
         image_grid([e[0] for e in examples], captions=[e[1] for e in examples], path=out_dir / f"{split}_examples.png")
-        metrics = {k: v for k, v in report.items() if isinstance(v, (int, float))}
-        metrics["per_class"] = report["per_class"]
-        return metrics
+        write_metrics({"per_class": report["per_class"], "labels": labels,
+                       "confusion_matrix": report["confusion_matrix"]}, out_dir / f"{split}_per_class.json")
+        return {k: v for k, v in report.items() if isinstance(v, (int, float))}
+
+
+def shapes_label_space(label_field: str) -> list[str]:
+    """Every label the shapes dataset can produce for ``label_field`` ("kind", "colour", "colour+kind", ...)."""
+    import itertools
+
+    from mmlm.data.shapes import COLOURS, POSITIONS, SHAPE_KINDS, SIZES
+
+    values = {"label": SHAPE_KINDS, "kind": SHAPE_KINDS, "colour": tuple(COLOURS), "size": SIZES,
+              "position": POSITIONS, "count": ("1", "2", "3", "4", "5")}
+    parts = label_field.split("+")
+    unknown = [p for p in parts if p not in values]
+    if unknown:
+        raise ValueError(f"data.label_field: {unknown} are not shapes attributes; expected parts of {list(values)}")
+    return [" ".join(combo) for combo in itertools.product(*(values[p] for p in parts))]

@@ -1,0 +1,59 @@
+"""The three tasks through the shared Trainer, end to end on tiny models and tiny shapes data."""
+
+import json
+
+import pytest
+
+import mmlm
+from mmlm.api import evaluate, load, model_kind, train
+from mmlm.config import load_config
+
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 256}
+TINY_VLM = {
+    "vision": {"name": "resnet10t", "features_only_stage": 1, "image_size": 32, "pos_embed_2d": True},
+    "projector": {"type": "mlp"},
+    "language": {"config": TINY_LLAMA, "vocab_size": 300},
+}
+TINY_SHAPES = {"n_train": 48, "n_val": 8, "n_test": 8, "n_compositional": 8, "image_size": 32, "max_shapes": 1}
+
+
+def run_config(tmp_path, task, model=TINY_VLM, **sections):
+    data = {"task": task, "output_dir": str(tmp_path / task), "model": model,
+            "data": {"source": "shapes", "shapes": TINY_SHAPES, "batch_size": 8, "eval_batch_size": 8},
+            "train": {"max_steps": 6, "warmup_steps": 2, "lr": 1e-3, "log_every": 2},
+            "eval": {"splits": ["test"], "num_examples": 4}}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return load_config(data)
+
+
+def test_captioning_trains_evaluates_and_saves(tmp_path):
+    result = train(run_config(tmp_path, "captioning"))
+    run = tmp_path / "captioning"
+    assert result["step"] == 6
+    for name in ("config.yaml", "metrics.jsonl", "loss_curve.png", "model/config.json"):
+        assert (run / name).is_file(), name
+    test = {k: v for k, v in result.items() if k.startswith("test/")}
+    assert 0.0 <= test["test/exact_match"] <= 1.0 and 0.0 <= test["test/bleu_4"] <= 1.0
+    assert model_kind(run / "model") == "vision_language"
+    captioner = load(run)
+    assert isinstance(captioner, mmlm.VisionLanguageModel)
+    metrics = evaluate(run, split="val")
+    assert json.loads((run / "eval_val" / "metrics.json").read_text())["num_samples"] == metrics["num_samples"] == 8
+
+
+def test_classification_by_prompt_on_combined_labels(tmp_path):
+    cfg = run_config(tmp_path, "classification", data={"label_field": "colour+kind"},
+                     eval={"templates": ["a photo of a {}"]})
+    result = train(cfg)
+    assert 0.0 <= result["test/accuracy"] <= 1.0
+    assert (tmp_path / "classification" / "eval").is_dir()
+    pngs = list((tmp_path / "classification" / "eval").rglob("test_confusion.png"))
+    assert pngs, "confusion matrix picture missing"
+
+
+def test_classification_requires_template_slot(tmp_path):
+    cfg = run_config(tmp_path, "classification", eval={"templates": ["a photo"]})
+    with pytest.raises(ValueError, match="slot"):
+        train(cfg)

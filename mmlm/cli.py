@@ -86,8 +86,8 @@ def cmd_classify(args) -> int:
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else []
     model = load_vlm(args.model)
     paths = _image_paths(args.images)
-    probs = model.classify([str(p) for p in paths], labels, prompt=args.prompt or "a photo of a {}",
-                           batch_size=args.batch_size)
+    probs = model.classify([str(p) for p in paths], labels, prompt=args.prompt or ["a photo of a {}"],
+                           batch_size=args.batch_size, progress=len(paths) > args.batch_size)
     rows = []
     for path, row in zip(paths, probs.tolist()):
         ranked = sorted(zip(labels, row), key=lambda t: -t[1])
@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="saved captioner/classifier folder")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--labels", required=True, help="comma-separated candidate labels")
-    p.add_argument("--prompt", default=None, help="template with a {} slot (default 'a photo of a {}')")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="template with a {} slot (default 'a photo of a {}'); repeat for a prompt ensemble")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_classify)

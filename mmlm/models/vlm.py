@@ -343,7 +343,7 @@ class VisionLanguageModel(nn.Module):
 
     def caption(self, images: Any, prompt: str | Sequence[str] | None = None, max_new_tokens: int = 32,
                 num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                batch_size: int = 32) -> list[str]:
+                batch_size: int = 32, progress: bool = False) -> list[str]:
         """Captions for ``images`` (PIL images, paths, arrays or tensors; a 4D tensor is a batch).
 
         ``prompt``: one for all images or one per image (left-padded when their lengths differ).
@@ -354,7 +354,7 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"prompt: {len(prompts)} prompts for {len(images)} images; give one or one per image")
         captions: list[str] = []
         with _eval_mode(self):
-            for start in range(0, len(images), batch_size):
+            for start in _batch_starts(len(images), batch_size, progress, "caption"):
                 chunk = images[start:start + batch_size]
                 rows = [self.prompt_ids(p) for p in prompts[start:start + batch_size]]
                 captions += self._generate(rows, self._pixel_values(chunk), max_new_tokens, num_beams, do_sample,
@@ -371,7 +371,7 @@ class VisionLanguageModel(nn.Module):
     # ------------------------------------------------------------------ classification by prompt
 
     def classify(self, images: Any, labels: Sequence[str], prompt: str | Sequence[str] = "a photo of a {}",
-                 batch_size: int = 16) -> torch.Tensor:
+                 batch_size: int = 16, progress: bool = False) -> torch.Tensor:
         """[n_images, n_labels] probabilities: softmax over each label's mean token log-likelihood.
 
         A template's text before "{}" is the prompt; the label plus the text after "{}" (and EOS)
@@ -382,7 +382,7 @@ class VisionLanguageModel(nn.Module):
         templates = _check_templates(prompt)
         scores = torch.zeros(len(images), len(labels))
         with _eval_mode(self):
-            for start in range(0, len(images), batch_size):
+            for start in _batch_starts(len(images), batch_size, progress, "classify"):
                 pixel_values = self._pixel_values(images[start:start + batch_size])
                 for template in templates:
                     scores[start:start + batch_size] += self.label_log_likelihoods(pixel_values, labels, template).cpu()
@@ -453,6 +453,18 @@ class _eval_mode:
 
     def __exit__(self, *exc):
         self.module.train(self.was_training)
+
+
+def _batch_starts(n: int, batch_size: int, progress: bool, what: str):
+    """Batch offsets, with a progress bar over the images when asked."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    starts = range(0, n, batch_size)
+    if not progress:
+        return starts
+    from tqdm.auto import tqdm
+
+    return tqdm(starts, desc=what, unit="batch", total=len(starts))
 
 
 def _as_image_list(images: Any) -> list:

@@ -1,138 +1,179 @@
-"""Recipe search for the shapes captioner: exact attribute match vs training steps and seconds.
+"""Recipe search for the VLM recipes: quality vs training steps (and seconds), through the real harness.
 
-A deliberately minimal loop (the shared Trainer replaces it in real runs): a pool of shapes
-images is generated and preprocessed once, then AdamW with per-module learning rates and
-warmup + cosine trains a VisionLanguageModel; every ``--eval-every`` steps greedy captions on
-the test (and compositional) split are scored with ``captions_match``.
+Each variant is the base recipe plus dotted overrides, trained with ``mmlm.api.train`` for a fixed
+number of steps (so the LR schedule is the same length for every variant) and evaluated on the
+``val`` split every ``--eval-every`` steps. The table shows, per variant, the measured steps/s
+(training only: evaluation pauses are excluded), the val metric at each evaluation, the first
+step where it reaches each ``--targets`` value, and the final test / compositional metrics.
 
-    python benchmarks/captioner_recipe_search.py --minutes 5                       # default recipe
-    python benchmarks/captioner_recipe_search.py --projector pixel_shuffle --minutes 5
-    python benchmarks/captioner_recipe_search.py --quick                            # smoke run
+Timings depend on what else runs on the machine: on a shared machine compare variants by
+*steps*, and measure steps/s alone (``--probe``) to turn steps into minutes.
+
+    python benchmarks/captioner_recipe_search.py                                   # the built-in variants
+    python benchmarks/captioner_recipe_search.py --variants base lm128x2 --steps 600
+    python benchmarks/captioner_recipe_search.py --variant wide="model.language.config.hidden_size=384"
+    python benchmarks/captioner_recipe_search.py --probe --variants base lm128x2   # steps/s only
+    python benchmarks/captioner_recipe_search.py --quick                           # smoke run, ~1 minute
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import random
+import json
+import shlex
+import tempfile
 import time
+from pathlib import Path
 
-import torch
-
-from mmlm.config import ShapesConfig
-from mmlm.data import captions_match, generate_shapes
-from mmlm.models import LanguageConfig, ProjectorConfig, VisionConfig, VisionLanguageModel, VLMConfig
+from mmlm.api import train
+from mmlm.config import load_config
 
 
-def recipe(args) -> VLMConfig:
-    return VLMConfig(
-        vision=VisionConfig(name=args.vision, features_only_stage=args.stage, image_size=64, pos_embed_2d=True),
-        projector=ProjectorConfig(type=args.projector, reduce_factor=args.reduce_factor),
-        language=LanguageConfig(config={
-            "model_type": "llama", "hidden_size": args.width, "intermediate_size": 4 * args.width,
-            "num_hidden_layers": args.layers, "num_attention_heads": max(1, args.width // 64),
-            "num_key_value_heads": max(1, args.width // 64), "max_position_embeddings": 256,
-            "tie_word_embeddings": True,
-        }, vocab_size=args.vocab),
-        max_length=48,
-    )
+def llama(width: int, layers: int) -> list[str]:
+    """Overrides for a Llama of ``width`` x ``layers`` (64-wide heads, 4x MLP)."""
+    heads = max(1, width // 64)
+    key = "model.language.config"
+    return [f"{key}.hidden_size={width}", f"{key}.intermediate_size={4 * width}", f"{key}.num_hidden_layers={layers}",
+            f"{key}.num_attention_heads={heads}", f"{key}.num_key_value_heads={heads}"]
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+# Named variants of the base recipe (overrides relative to the YAML given with --config).
+VARIANTS: dict[str, list[str]] = {
+    "base": [],
+    "lm128x2": llama(128, 2),
+    "lm192x3": llama(192, 3),
+    "lm256x4": llama(256, 4),
+    "tokens64": ["model.projector.type=mlp"],  # no pixel shuffle: all 64 map tokens
+    "batch16": ["data.batch_size=16"],
+    "batch64": ["data.batch_size=64"],
+    "lr2x": ["train.lr=2e-3", "train.module_lr={vision: 4e-3}"],
+    "paraphrases": ["data.caption_choice=random"],
+}
+QUALITY_KEYS = ("exact_match", "accuracy", "cider")  # the first one the task reports is the table's metric
 
 
-@torch.no_grad()
-def exact_match(model: VisionLanguageModel, pixels: torch.Tensor, records, batch_size: int = 64) -> float:
-    model.eval()
-    hits = 0
-    for start in range(0, len(records), batch_size):
-        rows = [model.prompt_ids(None)] * len(records[start:start + batch_size])
-        preds = model._generate(rows, pixels[start:start + batch_size], 40, 1, False, 1.0, 1.0)
-        hits += sum(captions_match(p, r.attributes) for p, r in zip(preds, records[start:start + batch_size]))
-    model.train()
-    return hits / len(records)
+def metric_name(metrics: dict, split: str) -> str | None:
+    for key in QUALITY_KEYS:
+        if f"{split}/{key}" in metrics:
+            return key
+    return None
+
+
+def training_seconds(metrics_file: Path, batch_size: int) -> list[tuple[int, float]]:
+    """(step, cumulative training seconds) at every log record; evaluation pauses are not counted."""
+    points, seconds, last_step = [], 0.0, 0
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if "samples_per_s" not in record:
+            continue
+        steps = record["step"] - last_step
+        seconds += steps * batch_size / max(record["samples_per_s"], 1e-9)
+        points.append((record["step"], seconds))
+        last_step = record["step"]
+    return points
+
+
+def val_curve(metrics_file: Path, key: str) -> list[tuple[int, float]]:
+    """(step, val metric) at every evaluation."""
+    out = []
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if f"val/{key}" in record:
+            out.append((record["step"], record[f"val/{key}"]))
+    return out
+
+
+def first_step_at(curve: list[tuple[int, float]], target: float) -> int | None:
+    return next((step for step, value in curve if value >= target), None)
+
+
+def run_variant(config: str, name: str, overrides: list[str], search: list[str], out_root: Path) -> dict:
+    out_dir = out_root / f"{name}_{time.strftime('%H%M%S')}"
+    all_overrides = overrides + search + [f"output_dir={out_dir}"]
+    cfg = load_config(config, all_overrides)
+    started = time.perf_counter()
+    result = train(cfg)
+    metrics_file = Path(result["metrics_file"])
+    key = metric_name(result, "val") or metric_name(result, "test")
+    seconds = training_seconds(metrics_file, cfg.data.batch_size * cfg.train.grad_accum_steps)
+    train_s = seconds[-1][1] if seconds else float("nan")
+    return {
+        "name": name, "overrides": overrides, "output_dir": str(out_dir), "metric": key,
+        "steps": result["step"], "train_seconds": train_s, "steps_per_s": result["step"] / train_s,
+        "wall_seconds": time.perf_counter() - started,
+        "curve": val_curve(metrics_file, key) if key else [],
+        "final": {k: v for k, v in result.items() if isinstance(v, float) and k.split("/")[0] in
+                  ("test", "compositional", "val") and k.split("/")[-1] in QUALITY_KEYS},
+    }
+
+
+def print_table(rows: list[dict], targets: list[float]) -> None:
+    steps = sorted({step for row in rows for step, _ in row["curve"]})
+    metric = next((row["metric"] for row in rows if row["metric"]), "metric")
+    print(f"\nval {metric} by training step (steps/s measured in this run: contended unless run alone)")
+    head = f"{'variant':14s} {'steps/s':>7s} " + " ".join(f"{s:>6d}" for s in steps)
+    head += " " + " ".join(f"{'@' + format(t, '.0%'):>7s}" for t in targets) + f" {'test':>6s} {'comp':>6s}"
+    print(head)
+    for row in rows:
+        curve = dict(row["curve"])
+        cells = " ".join(f"{curve[s]:6.3f}" if s in curve else f"{'':6s}" for s in steps)
+        reach = " ".join(f"{first_step_at(row['curve'], t) or '-':>7}" for t in targets)
+        final = row["final"]
+        test = final.get(f"test/{row['metric']}", float("nan"))
+        comp = final.get(f"compositional/{row['metric']}", float("nan"))
+        print(f"{row['name']:14s} {row['steps_per_s']:7.2f} {cells} {reach} {test:6.3f} {comp:6.3f}")
+    print("@X: first evaluated step whose val metric reached X. minutes alone = steps / (steps/s measured alone) / 60")
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=\"key=value key=value\"")
+    name, overrides = text.split("=", 1)
+    return name, shlex.split(overrides)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--vision", default="resnet10t")
-    p.add_argument("--stage", type=int, default=2, help="features_only stage (resnet10t: 2 = stride 8, 8x8 map)")
-    p.add_argument("--projector", default="mlp", choices=["linear", "mlp", "pixel_shuffle", "perceiver"])
-    p.add_argument("--reduce-factor", type=int, default=2)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--vision-lr", type=float, default=2e-3)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--steps", type=int, default=2000, help="schedule length (the run stops earlier at --minutes)")
-    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--config", default="configs/shapes_captioner.yaml")
+    p.add_argument("--variants", nargs="+", default=["base", "lm128x2", "lm192x3"], choices=sorted(VARIANTS),
+                   help="built-in variants to run")
+    p.add_argument("--variant", action="append", type=parse_variant, default=[],
+                   help='an extra variant: NAME="key=value key=value" (repeatable)')
+    p.add_argument("--steps", type=int, default=800, help="training steps per variant (the cosine schedule's length)")
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--n-eval", type=int, default=200)
-    p.add_argument("--pool", type=int, default=8000, help="training images generated up front")
-    p.add_argument("--max-shapes", type=int, default=2)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--eval-samples", type=int, default=200, help="val/test/compositional samples per evaluation")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's train.num_threads)")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    p.add_argument("--probe", action="store_true", help="steps/s only: 60 steps, no evaluation curve")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny data, a few steps")
+    p.add_argument("--out", default=None, help="run folders go here (default: a temp folder)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args()
+
+    search = [f"train.max_steps={args.steps}", "train.max_minutes=null", f"train.eval_every={args.eval_every}",
+              f"eval.max_samples={args.eval_samples}", "eval.num_examples=4", "train.save_every=null",
+              f"train.log_every={min(25, args.eval_every)}"]
+    if args.probe:
+        search = ["train.max_steps=60", "train.max_minutes=null", "train.eval_every=null", "eval.max_samples=8",
+                  "eval.num_examples=1", "train.log_every=20", "eval.splits=[]"]
     if args.quick:
-        args.pool, args.n_eval, args.steps, args.eval_every, args.minutes = 64, 16, 6, 3, 1.0
-        args.width, args.layers, args.batch = 64, 1, 8
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-
-    shapes = ShapesConfig(min_shapes=1, max_shapes=args.max_shapes, image_size=64)
-    train = generate_shapes(args.pool, split="train", config=shapes)
-    test = generate_shapes(args.n_eval, split="test", config=shapes)
-    comp = generate_shapes(args.n_eval, split="compositional", config=shapes)
-    corpus = [c for r in train for c in r.captions]
-    model = VisionLanguageModel.from_config(recipe(args), corpus)
-    transform = model.image_transform()
-    pool = torch.stack([transform(r.image) for r in train]).half()  # preprocessed once; fp16 halves the memory
-    test_px = torch.stack([transform(r.image) for r in test])
-    comp_px = torch.stack([transform(r.image) for r in comp])
-    captions = [r.captions[0] for r in train]
-
-    groups = model.trainable_groups()
-    lrs = {"vision": args.vision_lr, "projector": args.lr, "language": args.lr}
-    optimizer = torch.optim.AdamW([{"params": [q for q in groups[k].parameters() if q.requires_grad], "lr": lrs[k],
-                                    "base_lr": lrs[k]} for k in groups], weight_decay=0.01)
-    n_params = sum(q.numel() for q in model.parameters()) / 1e6
-    print(f"recipe: {args.vision}@stage{args.stage} + {args.projector} ({model.num_image_tokens} image tokens) + "
-          f"llama {args.width}x{args.layers}, {n_params:.2f}M params; lr {args.lr} vision {args.vision_lr} "
-          f"batch {args.batch}; threads {args.threads}")
-    print(f"{'step':>6s} {'seconds':>8s} {'loss':>7s} {'test_exact':>10s} {'comp_exact':>10s}")
-    model.train()
-    start, train_time, losses = time.perf_counter(), 0.0, []
-    for step in range(1, args.steps + 1):
-        t0 = time.perf_counter()
-        idx = random.sample(range(len(train)), args.batch)
-        batch = model.prepare_batch(pool[idx].float(), [captions[i] for i in idx])
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(step - 1, args.warmup, args.steps)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_time += time.perf_counter() - t0
-        losses.append(loss.item())
-        out_of_time = train_time > args.minutes * 60
-        if step % args.eval_every == 0 or out_of_time or step == args.steps:
-            test_em, comp_em = exact_match(model, test_px, test), exact_match(model, comp_px, comp)
-            recent = sum(losses[-20:]) / len(losses[-20:])
-            print(f"{step:6d} {train_time:8.1f} {recent:7.3f} {test_em:10.3f} {comp_em:10.3f}", flush=True)
-        if out_of_time:
-            break
-    print(f"done: {step} steps, {train_time:.0f} s training ({step / train_time:.2f} steps/s), "
-          f"{time.perf_counter() - start:.0f} s wall")
+        search = ["train.max_steps=6", "train.max_minutes=null", "train.eval_every=3", "eval.max_samples=8",
+                  "eval.num_examples=1", "train.log_every=3", "data.batch_size=8", "train.warmup_steps=2"]
+        if load_config(args.config).data.source == "shapes":
+            search += ["data.shapes.n_train=64", "data.shapes.n_val=8", "data.shapes.n_test=8",
+                       "data.shapes.n_compositional=8"]
+    if args.threads:
+        search.append(f"train.num_threads={args.threads}")
+    out_root = Path(args.out or tempfile.mkdtemp(prefix="recipe_search_"))
+    variants = [(name, VARIANTS[name]) for name in args.variants] + list(args.variant)
+    rows = []
+    for name, overrides in variants:
+        print(f"== {name}: {' '.join(overrides) or '(the recipe as is)'}", flush=True)
+        rows.append(run_variant(args.config, name, overrides, search, out_root))
+        print_table(rows, args.targets)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    print(f"\nrun folders: {out_root}")
 
 
 if __name__ == "__main__":

@@ -149,8 +149,9 @@ def evaluate(model, judge, prompts, attributes, scheduler, steps, save: str | No
     return judge_fidelity(judge, [np.asarray(im) for im in images], attributes)
 
 
-def run(recipe: str, overrides: dict, minutes: list[float], at_steps: list[int], n_train: int, n_eval: int, judge_seconds: float,
-        seed: int, final_ddim: bool, samples_dir: str | None = None) -> None:
+def run(recipe: str, overrides: dict, minutes: list[float], at_steps: list[int], n_train: int, n_eval: int,
+        judge_seconds: float, seed: int, final_ddim: bool, samples_dir: str | None = None,
+        save_vae: str | None = None) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     spec = copy.deepcopy(RECIPES[recipe])
@@ -176,6 +177,8 @@ def run(recipe: str, overrides: dict, minutes: list[float], at_steps: list[int],
         stats = model.fit_autoencoder(pixels, seed=seed)
         print(f"  vae: {stats['steps']} steps {stats['seconds']:.0f}s mse {stats['mse']:.4f} "
               f"scale {stats['scaling_factor']:.3f}", flush=True)
+        if save_vae:  # reuse in later runs with --set vae.name_or_path=DIR (its scale is in its config)
+            model.vae.save_pretrained(save_vae)
     trainable = list(model.trainable_groups().values())
     params = [p for m in trainable for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_cfg["lr"], weight_decay=0.0)
@@ -242,6 +245,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--samples-dir", default=None, help="write a grid of the generated images at each checkpoint")
+    parser.add_argument("--save-vae", default=None, help="save the trained VAE here for later runs")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the script runs")
     args = parser.parse_args()
     if args.threads:
@@ -256,7 +260,7 @@ def main() -> None:
     if "denoiser" in overrides:
         overrides["denoiser"] = {**RECIPES[args.recipe]["denoiser"], **overrides["denoiser"]}
     run(args.recipe, overrides, args.minutes, args.at_steps, args.n_train, args.n_eval, args.judge_seconds, args.seed,
-        final_ddim=True, samples_dir=args.samples_dir)
+        final_ddim=True, samples_dir=args.samples_dir, save_vae=args.save_vae)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def test_language_model_hidden_states_condition_the_denoiser_and_share_the_lm(tm
     torch.manual_seed(0)
     tokenizer = train_tokenizer(CORPUS, vocab_size=300)
     language_model = tiny_llama(tokenizer)
-    text_encoder = TextEncoder.from_language_model(language_model, tokenizer, TextEncoderConfig(kind="lm", max_length=6))
+    lm_config = TextEncoderConfig(kind="lm", max_length=6)
+    text_encoder = TextEncoder.from_language_model(language_model, tokenizer, lm_config)
     config = pixel_config(text_encoder.config)
     model = TextToImage.from_config(config, text_encoder=text_encoder)
     assert model.text_encoder.model is language_model  # one LM both captions and conditions

@@ -37,10 +37,10 @@ from mmlm.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The child: a small regression run that checkpoints every step. It announces each micro-batch and each
-# checkpoint write ("WRITING n", then a slow write) so the parent can kill it at any moment, writes included.
+# The child: a small regression run that checkpoints every step. It announces each micro-batch, and pauses
+# inside its PAUSE_AT_WRITE-th checkpoint write, so the parent can kill it at any moment, writes included.
 CHILD = textwrap.dedent('''
-    import sys, time
+    import os, sys, time
     from pathlib import Path
     import torch
     from safetensors.torch import save_file
@@ -78,12 +78,14 @@ CHILD = textwrap.dedent('''
         def save_model(self, model, directory):
             save_file(model.state_dict(), str(Path(directory) / "model.safetensors"))
 
-    write_json = ckpt.write_json
-    def slow_write_json(path, data):  # inside a checkpoint write: state files are on disk, no COMPLETE marker yet
-        print("WRITING", data.get("step"), flush=True)
-        time.sleep(0.4)
+    write_json, writes = ckpt.write_json, []
+    def pausing_write_json(path, data):  # inside a checkpoint write: state files on disk, no COMPLETE marker yet
+        writes.append(data.get("step"))
+        if len(writes) == int(os.environ.get("PAUSE_AT_WRITE", 0)):
+            print("PAUSED in the write of step", data.get("step"), flush=True)
+            time.sleep(120)  # the parent kills us here
         write_json(path, data)
-    ckpt.write_json = slow_write_json
+    ckpt.write_json = pausing_write_json
 
     out, resume = sys.argv[1], sys.argv[2] == "resume"
     config = RunConfig(task="regression", output_dir=out, data=DataConfig(batch_size=4),
@@ -99,8 +101,8 @@ CHILD = textwrap.dedent('''
 class Child:
     """A training subprocess whose stdout lines arrive on a queue."""
 
-    def __init__(self, script: Path, out: Path, resume: bool):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    def __init__(self, script: Path, out: Path, resume: bool, pause_at_write: int = 0):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PAUSE_AT_WRITE": str(pause_at_write)}
         self.proc = subprocess.Popen([sys.executable, str(script), str(out), "resume" if resume else "fresh"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -144,15 +146,14 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path):
     rng = random.Random(7)
     moments = ["during a checkpoint write", "at a random moment", "during a checkpoint write", "at a random moment"]
     kills = []
-    child = Child(script, out, resume=False)
-    for moment in moments:
+    pause = rng.randint(1, 3)
+    child = Child(script, out, resume=False, pause_at_write=pause)
+    for i, moment in enumerate(moments):
         if moment == "during a checkpoint write":
-            for _ in range(rng.randint(1, 2)):
-                line = child.wait_for("WRITING")
-            time.sleep(rng.uniform(0.0, 0.3))  # inside the 0.4 s write window
+            child.wait_for("PAUSED")
         else:
             child.wait_for("BATCH")
-            time.sleep(rng.uniform(0.05, 0.6))
+            time.sleep(rng.uniform(0.05, 0.5))
         child.kill()
         root = out / "checkpoints"
         complete = list_checkpoints(root)
@@ -164,9 +165,11 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path):
             assert (path / "model.safetensors").is_file() and (path / ckpt.STATE_FILE).is_file()
             json.loads((path / ckpt.STATE_FILE).read_text(encoding="utf-8"))
         expected = complete[-1].name if complete else "None"
-        child = Child(script, out, resume=True)
+        next_is_write = i + 1 < len(moments) and moments[i + 1] == "during a checkpoint write"
+        child = Child(script, out, resume=True, pause_at_write=rng.randint(1, 3) if next_is_write else 0)
         assert child.wait_for("RESUMED") == f"RESUMED {expected}", kills
     child.finish()
+    print(f"kills (moment, complete checkpoints, half-written folders): {kills}")
 
     got = load_file(str(out / "model" / "model.safetensors"))
     want = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
@@ -322,11 +325,11 @@ def test_a_worker_that_dies_is_reported_with_its_file(images, monkeypatch):
 
 
 def test_a_worker_that_hangs_is_reported_with_its_file(images, monkeypatch):
-    poison(monkeypatch, lambda: time.sleep(60))  # e.g. a stuck network file system
+    poison(monkeypatch, lambda: time.sleep(3))  # e.g. a stuck network file system (short: the loader joins it)
     dataset = ImageTextDataset(images)
-    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_image_text, timeout=3)
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_image_text, timeout=2)
     start = time.monotonic()
-    with pytest.raises(DataWorkerError, match=r"timed out after 3 seconds: pid \d+ is reading .*poison\.png"):
+    with pytest.raises(DataWorkerError, match=r"timed out after 2 seconds: pid \d+ is reading .*poison\.png"):
         for _ in guard_workers(loader, dataset):
             pass
     assert time.monotonic() - start < 30
@@ -341,3 +344,33 @@ def test_worker_errors_keep_their_type_and_file(images, tmp_path):
     with pytest.raises(BadImageError, match=r"poison\.png: not an image.*m\.jsonl:6"):
         for _ in guard_workers(loader, dataset):
             pass
+
+
+class ImagesTask(PairsTask):
+    """A linear model on 8x8 images read through the real dataset class, with DataLoader workers."""
+
+    def __init__(self, config, records):
+        super().__init__(config)
+        self.records = records
+
+    def build_model(self):
+        return nn.Linear(8 * 8 * 3, 1)
+
+    def build_datasets(self, model):
+        return {"train": ImageTextDataset(self.records, pixels)}
+
+    def collate(self, samples):
+        x = torch.stack([s["pixel_values"] for s in samples])
+        return x, x.mean(dim=1)
+
+
+def pixels(image):
+    return torch.tensor(list(image.getdata()), dtype=torch.float32).flatten() / 255
+
+
+def test_a_worker_death_in_a_training_run_names_the_file(tmp_path, images, monkeypatch):
+    poison(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGKILL))
+    config = pairs_config(tmp_path / "run")
+    config.data.num_workers = 2
+    with pytest.raises(DataWorkerError, match=r"worker died: pid \d+ was reading .*poison\.png \(record m\.jsonl:6\)"):
+        Trainer(config, ImagesTask(config, images)).fit()

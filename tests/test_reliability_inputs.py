@@ -1,8 +1,7 @@
 """Bad input, property-based: every manifest reader and the config loader end in a parsed result or a
 clear DataError / ConfigError that names the source (and the row); no other exception escapes.
 
-Also: manifest paths never escape the dataset root unless allowed, and API misuse on tiny models
-gets a ValueError / TypeError that names the argument.
+Also: API misuse on tiny models gets a ValueError / TypeError that names the argument.
 
 The example budget is fixed and derandomized, so CI time is bounded and failures reproduce.
 """
@@ -12,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import tarfile
 import tempfile
@@ -234,46 +232,6 @@ def test_webdataset_arbitrary_bytes(data):
         path = Path(tmp) / "shard-000.tar"
         path.write_bytes(data)
         check_outcome(lambda: read_records(path), "shard-000.tar")
-
-
-# ----------------------------------------------------------------------------- paths stay inside the root
-
-
-PATH_PARTS = st.lists(st.sampled_from(["..", ".", "a", "b", "", "x.png", "~", "\u2215"]), min_size=1, max_size=6)
-
-
-@SETTINGS
-@given(PATH_PARTS, st.booleans(), st.booleans())
-@example(["..", "..", "outside.txt"], False, False)
-@example(["a", "..", "..", "x.png"], False, False)
-def test_manifest_paths_cannot_escape_the_root(parts, absolute, allow):
-    value = ("/" if absolute else "") + "/".join(parts)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "data"
-        root.mkdir()
-        path = root / "manifest.jsonl"
-        path.write_text(json.dumps({"image": value, "caption": "c"}) + "\n", encoding="utf-8")
-        outcome = check_outcome(lambda: read_records(path, check_files=False, allow_absolute_paths=allow),
-                                "manifest.jsonl")
-        resolved = (Path(value) if absolute else root / value).resolve()
-        if not allow:
-            if isinstance(outcome, DataError):  # refused only for a reason: empty, absolute, or outside the root
-                assert not value.strip() or absolute or not resolved.is_relative_to(root.resolve()), outcome
-            else:
-                check_inside(outcome, root)
-        elif not isinstance(outcome, DataError):
-            assert Path(outcome[0].image).resolve() == resolved
-
-
-def test_symlink_out_of_the_root_is_refused(tmp_path):
-    root = tmp_path / "data"
-    root.mkdir()
-    (tmp_path / "secret.png").write_bytes(b"x")
-    os.symlink(tmp_path / "secret.png", root / "link.png")
-    (root / "m.jsonl").write_text(json.dumps({"image": "link.png", "caption": "c"}) + "\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"m\.jsonl:1.*escapes"):
-        read_records(root / "m.jsonl")
-    assert len(read_records(root / "m.jsonl", allow_absolute_paths=True)) == 1
 
 
 # ----------------------------------------------------------------------------- the config loader

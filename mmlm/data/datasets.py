@@ -175,6 +175,10 @@ def guard_workers(batches: Iterable, dataset: Any) -> Iterator:
         explained = explain_worker_failure(err, dataset)
         if explained is None:
             raise
+        # The traceback's frames hold the loader iterator; dropping them lets it shut its workers down now,
+        # instead of in a garbage-collection pass where its queues may already be torn down (a 5 s join each).
+        err.__traceback__ = None
+        del iterator
         raise explained from err
 
 

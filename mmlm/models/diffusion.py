@@ -111,7 +111,9 @@ class TextToImageConfig:
         if self.space == "latent" and self.vae is None:
             raise ConfigError("model.vae: required when space is 'latent'")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ConfigError(f"model.prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+            raise ConfigError(
+                f"model.prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
+            )
         if self.scheduler not in SAMPLERS:
             raise ConfigError(f"model.scheduler: expected one of {list(SAMPLERS)}, got {self.scheduler!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -442,7 +444,9 @@ class TextToImage(nn.Module):
         if scale < 0:
             raise ValueError(f"guidance_scale: expected >= 0, got {scale}")
         if batch_size < 1 or num_images_per_prompt < 1:
-            raise ValueError(f"batch_size and num_images_per_prompt must be >= 1, got {batch_size}, {num_images_per_prompt}")
+            raise ValueError(
+                f"batch_size and num_images_per_prompt must be >= 1, got {batch_size}, {num_images_per_prompt}"
+            )
         negatives = _check_prompts("" if negative_prompt is None else negative_prompt, "negative_prompt")
         if len(negatives) == 1:
             negatives = negatives * len(prompts)

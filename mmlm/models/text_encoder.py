@@ -163,7 +163,10 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_language_model(
-        cls, language_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: TextEncoderConfig | None = None
+        cls,
+        language_model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: TextEncoderConfig | None = None,
     ) -> TextEncoder:
         """Condition on an existing causal LM (e.g. ``vlm.language`` with ``vlm.tokenizer``); shares its weights.
 

@@ -11,6 +11,8 @@ from mmlm.eval import caption_scores
 from mmlm.tasks.common import caption_corpus, collate_images_and_texts, image_text_splits, iterate_dataset, unwrap
 from mmlm.train.task import Task
 
+CAPTION_TOKENS = 48  # new tokens per generated caption in evaluation
+
 
 class VisionLanguageTask(Task):
     """What captioning and classification by prompt share: the model, the data, the loss."""
@@ -47,7 +49,11 @@ class CaptioningTask(VisionLanguageTask):
         cfg = self.config
         predictions, references, attributes, images = [], [], [], []
         for batch in iterate_dataset(dataset, cfg.data.eval_batch_size, cfg.eval.max_samples):
-            predictions += model.caption(batch["pixel_values"], batch_size=cfg.data.eval_batch_size)
+            # The batch is already preprocessed: generate from the pixel tensors (model.caption would
+            # treat them as raw images and normalise them a second time).
+            pixels = batch["pixel_values"].to(model.device)
+            predictions += model._generate([model.prompt_ids(None)] * len(pixels), pixels, CAPTION_TOKENS,
+                                           num_beams=1, do_sample=False, temperature=1.0, top_p=1.0)
             references += batch["captions"]
             attributes += batch["attributes"]
             if len(images) < cfg.eval.num_examples:

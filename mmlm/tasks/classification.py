@@ -58,8 +58,11 @@ class ClassificationTask(VisionLanguageTask):
         labels = self.labels()
         y_true, y_pred, examples = [], [], []
         for batch in iterate_dataset(dataset, cfg.data.eval_batch_size, cfg.eval.max_samples):
-            probs = model.classify(batch["pixel_values"], labels, prompt=self.templates,
-                                   batch_size=cfg.data.eval_batch_size)
+            # The batch is already preprocessed: score from the pixel tensors (model.classify would
+            # treat them as raw images and normalise them a second time).
+            pixels = batch["pixel_values"].to(model.device)
+            scores = sum(model.label_log_likelihoods(pixels, labels, t).cpu() for t in self.templates)
+            probs = (scores / len(self.templates)).softmax(dim=-1)
             y_true += batch["label"]
             y_pred += [labels[i] for i in probs.argmax(dim=-1).tolist()]
             for image, row in zip(batch["pixel_values"], probs):

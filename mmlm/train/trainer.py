@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from mmlm.eval.plots import plot_loss_curve, read_metrics_jsonl
 from mmlm.config import ConfigError, RunConfig, TrainConfig, save_yaml, to_dict
+from mmlm.data.datasets import guard_workers
 from mmlm.train import checkpoint as ckpt
 from mmlm.train.ema import EMA
 from mmlm.train.optim import WarmupDecaySchedule, build_optimizer
@@ -430,7 +431,15 @@ class Trainer:
         """Restore model, optimiser, schedule, EMA, RNG and the position in the data from ``path``."""
         path = Path(path)
         state = ckpt.read_state(path)
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except Exception as err:  # e.g. a truncated file, or a pickle that weights_only loading refuses
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")  # what was blocked
+            raise ckpt.CheckpointError(
+                f"{path}: cannot restore the training state ({type(err).__name__}: {reason}); "
+                "resume from another checkpoint (resume=<path>) or start a new run"
+            ) from err
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.samples_seen = int(state["samples_seen"])
@@ -628,7 +637,7 @@ class Trainer:
             while not self._done():
                 loader = self._epoch_loader()
                 finished_epoch = True
-                for batch in loader:
+                for batch in guard_workers(loader, self.datasets["train"]):  # a dead worker names its file
                     if self._train_micro_batch(batch) and self._end_of_step():
                         finished_epoch = False
                         break
@@ -743,6 +752,20 @@ class Trainer:
             self._track_best(metrics)
         return metrics
 
+    def _report_skipped(self) -> list[dict[str, str]]:
+        """Images the splits skipped (``data.on_bad_image: skip``): written to ``skipped.jsonl`` and counted.
+
+        Each process sees the images its own data loading skipped; the main process reports its own.
+        """
+        skipped = [{"split": split, "source": source, "reason": reason}
+                   for split, dataset in self.datasets.items() for source, reason in getattr(dataset, "skipped", [])]
+        if self.is_main:
+            path = self.output_dir / "skipped.jsonl"
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in skipped), encoding="utf-8")
+            if skipped:
+                tqdm.write(f"mmlm: skipped {len(skipped)} bad images (data.on_bad_image=skip); which and why: {path}")
+        return skipped
+
     def _finish(self, metrics: dict[str, float], last_loss: float) -> dict[str, Any]:
         paths = {
             "output_dir": str(self.output_dir),
@@ -759,8 +782,11 @@ class Trainer:
             plot_loss_curve(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png")
 
         self._on_main("saving the final model", save_final)
+        skipped = self._report_skipped()
+        paths["skipped_file"] = str(self.output_dir / "skipped.jsonl")
         summary: dict[str, Any] = {"step": self.step, "epoch": self.epoch_progress, "train/loss": last_loss,
-                                   "elapsed_s": self.elapsed_s, "samples_seen": self.samples_seen}
+                                   "elapsed_s": self.elapsed_s, "samples_seen": self.samples_seen,
+                                   "skipped_images": len(skipped)}
         if self.best_value is not None:
             summary["best/" + self.config.train.best_metric] = self.best_value
             summary["best/step"] = self.best_step

@@ -234,6 +234,7 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 64
     num_workers: int = 0
+    worker_timeout_s: float = 600.0  # a DataLoader worker silent this long is reported with the file it was reading
     on_bad_image: str = "error"  # "error" stops at the first bad file; "skip" skips and counts
     allow_absolute_paths: bool = False
     max_image_pixels: int = 64_000_000

@@ -147,7 +147,7 @@ class VisionLanguageModel(nn.Module):
         except (json.JSONDecodeError, KeyError) as err:
             raise ConfigError(f"{config_file}: not a VisionLanguageModel config ({err})") from err
         config.language.tokenizer = None
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.language.trust_remote_code)
         lm_config = AutoConfig.from_pretrained(path / LANGUAGE_DIR,
                                                trust_remote_code=config.language.trust_remote_code)
         model = cls.from_config(config, _lm_config=lm_config, _tokenizer=tokenizer)

@@ -311,6 +311,8 @@ class Trainer:
             num_workers=data.num_workers,
             generator=self._loader_generator,
             pin_memory=torch.cuda.is_available(),
+            # a hung worker becomes an error naming its file (guard_workers) instead of blocking forever
+            timeout=data.worker_timeout_s if data.num_workers > 0 else 0,
         )
 
     def _micro_batches_per_epoch(self) -> int | None:

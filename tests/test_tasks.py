@@ -57,3 +57,30 @@ def test_classification_requires_template_slot(tmp_path):
     cfg = run_config(tmp_path, "classification", eval={"templates": ["a photo"]})
     with pytest.raises(ValueError, match="slot"):
         train(cfg)
+
+
+TINY_T2I = {
+    "image_size": 16, "space": "latent",
+    "denoiser": {"block_out_channels": [8, 16], "attention": [False, True], "norm_num_groups": 4,
+                 "hidden_size": 16, "num_layers": 1},
+    "text_encoder": {"hidden_size": 16, "num_layers": 1, "num_heads": 1, "max_length": 8, "vocab_size": 300},
+    "vae": {"block_out_channels": [8, 16], "norm_num_groups": 4, "batch_size": 8, "train_steps": 5},
+}
+
+
+def test_diffusion_trains_vae_then_denoiser_and_reports_fidelity(tmp_path):
+    cfg = run_config(tmp_path, "diffusion", model=TINY_T2I,
+                     eval={"samplers": ["dpm++:4", "ddim:6"], "max_samples": 8, "judge_steps": 20},
+                     train={"ema_decay": 0.9})
+    result = train(cfg)
+    run = tmp_path / "diffusion"
+    for key in ("test/fidelity", "test/fidelity/ddim:6", "test/fid", "test/kid_mean"):
+        assert key in result, key
+    assert 0.0 <= result["test/fidelity"] <= 1.0
+    assert (run / "shapes_judge.safetensors").is_file() or list(run.rglob("shapes_judge.safetensors"))
+    assert list(run.rglob("test_generated.png"))
+    generator = load(run)
+    assert isinstance(generator, mmlm.TextToImage)
+    assert generator.latent_scale > 0  # the VAE pre-stage ran and set its scale from the data
+    images = generator.generate(["a small red circle on the left"], num_inference_steps=2, seed=0)
+    assert images[0].size == (16, 16)

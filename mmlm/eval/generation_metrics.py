@@ -413,6 +413,7 @@ class ShapesJudge:
 
     # ---- training ----
 
+    @torch.enable_grad()  # callers may evaluate under no_grad (the Trainer does)
     def fit(
         self,
         records: Sequence[Any],

@@ -363,6 +363,10 @@ class TextToImage(nn.Module):
             sample, timestep=timesteps, encoder_hidden_states=text, encoder_attention_mask=text_mask
         ).sample
 
+    def forward(self, pixel_values: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+        """The training loss; calling the module (not ``training_loss``) lets DDP/FSDP wrappers sync gradients."""
+        return self.training_loss(pixel_values, captions)
+
     def training_loss(self, pixel_values: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
         """Diffusion loss on a batch: ``pixel_values`` [B, 3, H, W] in [-1, 1], one caption per image."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:

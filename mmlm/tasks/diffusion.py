@@ -92,8 +92,9 @@ class DiffusionTask(Task):
         image_grid(main[:n_show], captions=prompts[:n_show], path=out_dir / f"{split}_generated.png")
         if cfg.data.source == "shapes" and all(targets):
             judge, judge_report = self.judge(out_dir)
-            if judge_report:
-                metrics["judge_accuracy"] = {k: v for k, v in judge_report.items() if k != "fit"}
+            for judged_split in ("test", "compositional"):  # the judge's own accuracy on real images
+                if judged_split in judge_report:
+                    metrics[f"judge_accuracy/{judged_split}"] = judge_report[judged_split]["fidelity"]
             for spec, images in generated.items():
                 fid = prompt_fidelity(images, targets, judge)
                 metrics[f"fidelity/{spec}"] = fid["fidelity"]

@@ -64,6 +64,9 @@ def test_config_round_trips_through_from_dict_and_to_dict():
         ({"denoiser": {"attention": [True]}}, "one flag per level"),
         ({"text_encoder": {"kind": "pretrained"}}, "name_or_path"),
         ({"caption_dropout": 1.5}, "caption_dropout"),
+        ({"denoiser": {"num_heads": 0}}, "num_heads"),
+        ({"denoiser": {"kind": "transformer", "pooled_text": True}}, "pooled_text"),
+        ({"space": "patch", "image_size": 30, "patch_size": 4}, "patch_size"),
     ],
 )
 def test_bad_config_names_the_key(data, message):
@@ -72,7 +75,8 @@ def test_bad_config_names_the_key(data, message):
 
 
 # ------------------------------------------------------------------ training
-@pytest.mark.parametrize("space, kind", [("pixel", "unet"), ("latent", "unet"), ("pixel", "transformer")])
+@pytest.mark.parametrize("space, kind", [("pixel", "unet"), ("patch", "unet"), ("latent", "unet"),
+                                         ("pixel", "transformer")])
 def test_training_steps_reduce_the_loss_on_a_fixed_batch(space, kind):
     model = tiny_model(space=space, denoiser=DenoiserConfig(kind=kind, block_out_channels=(8, 16),
                                                             attention=(False, True), norm_num_groups=4,
@@ -153,9 +157,49 @@ def test_training_loss_rejects_bad_input():
         model.training_loss(random_images(2, size=8), CORPUS[:2])
 
 
+# ------------------------------------------------------------------ patch space, pooled text
+def test_patch_space_is_a_lossless_rearrangement_at_a_lower_resolution():
+    model = tiny_model(space="patch", patch_size=4)
+    images = random_images(3)
+    patches = model.encode_images(images)
+    assert patches.shape == (3, 48, 4, 4)
+    assert model.denoiser.config.in_channels == 48 and model.denoiser.config.sample_size == 4
+    assert torch.equal(model.decode(patches), images)
+    # Channel c * 16 + i * 4 + j of patch (y, x) holds pixel (4y + i, 4x + j) of colour channel c.
+    assert torch.equal(patches[0, ::16, 0, 0], images[0, :, 0, 0])
+    assert torch.equal(patches[1, 2 * 16 + 1 * 4 + 3, 2, 1], images[1, 2, 9, 7])
+
+
+def test_masked_mean_of_the_text_ignores_padding():
+    from mmlm.models.diffusion import pooled_text
+
+    text = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    torch.testing.assert_close(pooled_text(text, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
+
+
+def test_pooled_text_conditions_every_block_through_the_timestep_embedding():
+    pooled = tiny_model()
+    assert pooled.denoiser.class_embedding is not None
+    pooled.training_loss(random_images(2), CORPUS[:2]).backward()
+    assert pooled.denoiser.class_embedding.linear_1.weight.grad.abs().sum() > 0
+    # With the cross-attention output zeroed, the caption still changes the prediction, through the pooled path.
+    for name, module in pooled.denoiser.named_modules():
+        if name.endswith("attn2.to_out.0"):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    text_a, mask_a = pooled.text_encoder(["a red circle"])
+    text_b, mask_b = pooled.text_encoder(["a blue square"])
+    sample, t = torch.randn(1, 3, 16, 16), torch.tensor(500)
+    with torch.no_grad():
+        assert not torch.allclose(pooled.predict(sample, t, text_a, mask_a), pooled.predict(sample, t, text_b, mask_b))
+    plain = tiny_model(denoiser=DenoiserConfig(block_out_channels=(8, 16), attention=(False, True),
+                                               norm_num_groups=4, pooled_text=False))
+    assert plain.denoiser.class_embedding is None
+
+
 # ------------------------------------------------------------------ sampling
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm++"])
-@pytest.mark.parametrize("space", ["pixel", "latent"])
+@pytest.mark.parametrize("space", ["pixel", "patch", "latent"])
 def test_each_scheduler_samples_images_of_the_right_size_and_mode(scheduler, space):
     model = tiny_model(space=space)
     images = model.generate(["a red circle", "a blue square"], num_inference_steps=3, scheduler=scheduler,
@@ -210,13 +254,28 @@ def test_generate_rejects_bad_arguments(kwargs, message):
         tiny_model().generate("a red circle", **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"guidance_scale": float("nan")}, ValueError),
+        ({"guidance_scale": float("inf")}, ValueError),
+        ({"guidance_scale": "2"}, TypeError),
+        ({"num_inference_steps": 2.5}, TypeError),
+        ({"num_inference_steps": True}, TypeError),
+    ],
+)
+def test_generate_rejects_nan_guidance_and_non_integer_steps(kwargs, error):
+    with pytest.raises(error, match=next(iter(kwargs))):
+        tiny_model().generate("a red circle", **kwargs)
+
+
 def test_generate_rejects_an_empty_prompt_list():
     with pytest.raises(ValueError, match="empty"):
         tiny_model().generate([])
 
 
 # ------------------------------------------------------------------ save / load / state dict
-@pytest.mark.parametrize("space, kind", [("latent", "unet"), ("pixel", "transformer")])
+@pytest.mark.parametrize("space, kind", [("latent", "unet"), ("patch", "unet"), ("pixel", "transformer")])
 def test_save_load_round_trip_reproduces_images_exactly(tmp_path, space, kind):
     model = tiny_model(space=space, denoiser=DenoiserConfig(kind=kind, block_out_channels=(8, 16),
                                                             attention=(False, True), norm_num_groups=4,

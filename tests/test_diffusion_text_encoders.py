@@ -135,3 +135,26 @@ def test_language_model_from_a_local_folder_by_config(tmp_path):
 def test_lm_kind_without_a_model_or_path_is_a_clear_error():
     with pytest.raises(ValueError, match="name_or_path"):
         TextEncoder.from_config(TextEncoderConfig(kind="lm"))
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_pretrained_loads_pass_trust_remote_code_from_the_config(tmp_path, monkeypatch, trust):
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    tiny_clip(tokenizer).save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    seen = []
+    for cls in (transformers.AutoTokenizer, transformers.AutoConfig, transformers.CLIPTextModel):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _original=original, **kwargs):
+            seen.append((klass.__name__, kwargs.get("trust_remote_code")))
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    config = TextEncoderConfig(kind="pretrained", name_or_path=str(tmp_path / "clip"), max_length=6,
+                               trust_remote_code=trust)
+    assert TextEncoderConfig(kind="pretrained", name_or_path="x").trust_remote_code is False  # the default
+    TextEncoder.from_config(config)
+    assert {name for name, _ in seen} >= {"AutoTokenizer", "AutoConfig", "CLIPTextModel"}
+    assert all(flag is trust for _, flag in seen), seen
+

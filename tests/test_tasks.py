@@ -39,13 +39,20 @@ def test_captioning_trains_evaluates_and_saves(tmp_path):
     assert model_kind(run / "model") == "vision_language"
     captioner = load(run)
     assert isinstance(captioner, mmlm.VisionLanguageModel)
+    # evaluation scores what the saved model says about the raw images (no double preprocessing)
+    from mmlm.config import ShapesConfig
+    from mmlm.data.shapes import generate_shapes
+
+    rows = [json.loads(line) for line in next(run.rglob("test_captions.jsonl")).read_text().splitlines()]
+    records = generate_shapes(len(rows), split="test", config=ShapesConfig(**TINY_SHAPES))
+    assert [r["prediction"] for r in rows] == captioner.caption([r.image for r in records], max_new_tokens=48)
     metrics = evaluate(run, split="val")
     assert json.loads((run / "eval_val" / "metrics.json").read_text())["num_samples"] == metrics["num_samples"] == 8
 
 
 def test_classification_by_prompt_on_combined_labels(tmp_path):
     cfg = run_config(tmp_path, "classification", data={"label_field": "colour+kind"},
-                     eval={"templates": ["a photo of a {}"]})
+                     eval={"templates": ["a photo of a {}"], "num_examples": 0})
     result = train(cfg)
     assert 0.0 <= result["test/accuracy"] <= 1.0
     assert (tmp_path / "classification" / "eval").is_dir()

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 from mmlm.config import ConfigError, from_dict, to_dict
 from mmlm.models import LanguageConfig, ProjectorConfig, VisionConfig, VisionLanguageModel, VLMConfig
-from mmlm.models.vlm import IGNORE_INDEX
+from mmlm.models.vlm import IGNORE_INDEX, split_template
 
 CORPUS = ["a red circle", "a blue square", "a green triangle", "a small red square", "a big blue circle"]
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -196,7 +196,9 @@ def test_shared_prefix_scores_equal_separate_scoring(template, lm):
 def test_classify_probabilities_ensemble_and_learning():
     model = tiny_model(seed=5)
     labels = ["red circle", "blue square", "green triangle"]
-    train_steps(model, model.prepare_batch(pixels(model), labels, ["a photo of a "] * 3), 40)
+    prompt, answers = split_template("a photo of a {}", labels)  # trained the way classify splits it
+    assert (prompt, answers[0]) == ("a photo of a", " red circle")
+    train_steps(model, model.prepare_batch(pixels(model), answers, [prompt] * 3), 40)
     probs = model.classify(IMAGES, labels)
     assert probs.shape == (3, 3)
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
@@ -312,3 +314,13 @@ def test_config_round_trips_through_from_dict():
     with pytest.raises(ConfigError, match="reduce_factor"):
         VisionLanguageModel.from_config(tiny_config("pixel_shuffle", vision=VisionConfig(
             name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT), keep_prefix_tokens=True)), CORPUS)
+
+
+def test_split_template_tokenises_like_the_whole_sentence():
+    model = tiny_model()
+    for template in ["a photo of a {}", "{}", "a small {} here", "这是{}"]:
+        prompt, answers = split_template(template, ["red circle"])
+        joint = model.tokenizer(template.format("red circle"), add_special_tokens=False)["input_ids"]
+        parts = (model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                 + model.tokenizer(answers[0], add_special_tokens=False)["input_ids"])
+        assert parts == joint, template

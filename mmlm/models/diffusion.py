@@ -1,9 +1,13 @@
 """TextToImage: text encoder + diffusers denoiser + noise schedule, CFG sampling, save/load.
 
-Pixel space or latent space (through a diffusers ``AutoencoderKL``), a ``UNet2DConditionModel`` or a
-``PixArtTransformer2DModel`` (DiT with cross-attention on text), epsilon or v-prediction with optional
-min-SNR weighting, caption dropout for classifier-free guidance, and DDPM / DDIM / DPM-Solver++
-sampling with both guidance halves in one doubled batch.
+Three spaces the denoiser can work in: ``pixel`` (the image itself), ``patch`` (the image rearranged
+losslessly into ``patch_size`` x ``patch_size`` patches stacked on channels: pixel-space diffusion at the
+cost of a network running at 1/patch_size the resolution, as in Simple Diffusion) and ``latent``
+(through a diffusers ``AutoencoderKL``). The denoiser is a ``UNet2DConditionModel`` (cross-attention on
+the text tokens, optionally also the pooled text added to the timestep embedding, which conditions every
+ResNet block) or a ``PixArtTransformer2DModel`` (DiT with cross-attention on text); epsilon or
+v-prediction with optional min-SNR weighting, caption dropout for classifier-free guidance, and DDPM /
+DDIM / DPM-Solver++ sampling with both guidance halves in one doubled batch.
 
 Latent space with a VAE trained here is a two-stage recipe: call ``fit_autoencoder(images)`` once
 before diffusion training (``needs_autoencoder_fit`` says whether it is still due; the budget comes
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -39,6 +45,7 @@ from mmlm.models.autoencoder import AutoencoderConfig, build_autoencoder, train_
 from mmlm.models.text_encoder import TextEncoder, TextEncoderConfig
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+SPACES = ("pixel", "patch", "latent")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 CONFIG_NAME = "config.json"
 
@@ -48,8 +55,9 @@ class DenoiserConfig:
     """The denoiser's architecture. Tiny by default; CPU cost grows fast with attention heads.
 
     ``unet``: one level per ``block_out_channels`` entry, cross-attention on text where ``attention``
-    is true (skip the highest resolution on CPU). ``transformer``: PixArt-style DiT blocks with
-    cross-attention, on ``patch_size`` patches.
+    is true (skip the highest resolution on CPU); ``pooled_text`` also adds the masked mean of the text
+    states, projected, to the timestep embedding (FiLM-like: every ResNet block sees colour and kind).
+    ``transformer``: PixArt-style DiT blocks with cross-attention, on ``patch_size`` patches.
     """
 
     kind: str = "unet"  # unet | transformer
@@ -58,6 +66,7 @@ class DenoiserConfig:
     layers_per_block: int = 1
     norm_num_groups: int = 8
     num_heads: int = 1  # attention heads (diffusers' UNet calls this ``attention_head_dim``)
+    pooled_text: bool | None = None  # pooled text added to the timestep embedding; None: on for unet, off for DiT
     hidden_size: int = 128  # transformer width
     num_layers: int = 4  # transformer blocks
     patch_size: int = 2
@@ -65,6 +74,8 @@ class DenoiserConfig:
     def __post_init__(self):
         if self.kind not in ("unet", "transformer"):
             raise ConfigError(f"denoiser.kind: expected 'unet' or 'transformer', got {self.kind!r}")
+        if self.num_heads < 1:
+            raise ConfigError(f"denoiser.num_heads: expected >= 1, got {self.num_heads}")
         if self.kind == "unet":
             if len(self.attention) != len(self.block_out_channels):
                 raise ConfigError(
@@ -79,8 +90,15 @@ class DenoiserConfig:
                     f"denoiser.block_out_channels: {bad} not divisible by norm_num_groups={self.norm_num_groups} "
                     f"and num_heads={self.num_heads}"
                 )
-        elif self.hidden_size % self.num_heads:
-            raise ConfigError(f"denoiser.hidden_size ({self.hidden_size}) must be a multiple of num_heads")
+        else:
+            if self.hidden_size % self.num_heads:
+                raise ConfigError(f"denoiser.hidden_size ({self.hidden_size}) must be a multiple of num_heads")
+            if self.pooled_text:
+                raise ConfigError("denoiser.pooled_text: supported by kind 'unet' only; leave it null for 'transformer'")
+
+    @property
+    def uses_pooled_text(self) -> bool:
+        return self.kind == "unet" and self.pooled_text is not False
 
 
 @dataclasses.dataclass
@@ -91,9 +109,11 @@ class TextToImageConfig:
     """
 
     image_size: int = 32
-    # Pixel by default: no VAE pre-stage, and a tiny self-trained 2x VAE did not learn faster per step
-    # in short runs of benchmarks/diffusion_recipe_search.py.
-    space: str = "pixel"  # pixel | latent
+    # Patch by default: exact pixel-space diffusion (no VAE pre-stage, nothing lost) with the denoiser
+    # running at image_size / patch_size; a tiny self-trained 2x VAE came out washed out, and a UNet at
+    # the full 32x32 learned far slower per CPU-second (benchmarks/diffusion_recipe_search.py).
+    space: str = "patch"  # pixel | patch | latent
+    patch_size: int = 2  # patch space only: pixel_unshuffle factor (32x32x3 -> 16x16x12)
     denoiser: DenoiserConfig = dataclasses.field(default_factory=DenoiserConfig)
     text_encoder: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
     vae: AutoencoderConfig | None = dataclasses.field(default_factory=AutoencoderConfig)  # latent space only
@@ -108,8 +128,12 @@ class TextToImageConfig:
     random_flip: bool = False  # train-time horizontal flip (off: captions may say left/right)
 
     def __post_init__(self):
-        if self.space not in ("latent", "pixel"):
-            raise ConfigError(f"model.space: expected 'latent' or 'pixel', got {self.space!r}")
+        if self.space not in SPACES:
+            raise ConfigError(f"model.space: expected one of {SPACES}, got {self.space!r}")
+        if self.space == "patch" and (self.patch_size < 1 or self.image_size % self.patch_size):
+            raise ConfigError(
+                f"model.patch_size: expected a divisor of image_size ({self.image_size}) >= 1, got {self.patch_size}"
+            )
         if self.space == "latent" and self.vae is None:
             raise ConfigError("model.vae: required when space is 'latent'")
         if self.prediction_type not in PREDICTION_TYPES:
@@ -150,6 +174,7 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 
 
 def build_denoiser(config: DenoiserConfig, sample_size: int, channels: int, text_dim: int) -> nn.Module:
+    """A diffusers denoiser for ``channels`` x ``sample_size``^2 inputs, conditioned on ``text_dim``-wide text."""
     if config.kind == "transformer":
         return PixArtTransformer2DModel(
             num_attention_heads=config.num_heads,
@@ -178,7 +203,16 @@ def build_denoiser(config: DenoiserConfig, sample_size: int, channels: int, text
         norm_num_groups=config.norm_num_groups,
         cross_attention_dim=text_dim,
         attention_head_dim=config.num_heads,  # diffusers' naming: this is the number of heads
+        # The pooled text goes through an MLP and is added to the timestep embedding (forward's class_labels).
+        class_embed_type="projection" if config.uses_pooled_text else None,
+        projection_class_embeddings_input_dim=text_dim if config.uses_pooled_text else None,
     )
+
+
+def pooled_text(text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the text states over valid tokens: [B, L, D], [B, L] -> [B, D]."""
+    weights = text_mask.to(text.dtype).unsqueeze(-1)
+    return (text * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def _check_prompts(prompts: str | Sequence[str], name: str) -> list[str]:
@@ -203,7 +237,7 @@ class TextToImage(nn.Module):
         latent_scale: float = 0.0,
     ):
         super().__init__()
-        if (vae is None) != (config.space == "pixel"):
+        if (vae is None) == (config.space == "latent"):
             raise ValueError(f"a VAE is needed in latent space and only there (space={config.space!r})")
         self.config = config
         self.text_encoder = text_encoder
@@ -235,6 +269,8 @@ class TextToImage(nn.Module):
                 raise ConfigError(f"model.image_size {config.image_size} is not divisible by the VAE's factor {factor}")
             size, channels = config.image_size // factor, vae.config.latent_channels
             latent_scale = float(vae.config.scaling_factor) if config.vae.name_or_path else 0.0
+        elif config.space == "patch":
+            size, channels = config.image_size // config.patch_size, 3 * config.patch_size**2
         denoiser = build_denoiser(config.denoiser, size, channels, text_encoder.hidden_size)
         noise_scheduler = DDPMScheduler(
             num_train_timesteps=config.num_train_timesteps,
@@ -338,7 +374,9 @@ class TextToImage(nn.Module):
 
     # ---------------------------------------------------------------- diffusion
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] -> what the denoiser works on (scaled latent samples, or the pixels)."""
+        """Pixels in [-1, 1] -> what the denoiser works on (the pixels, their patches, or scaled latents)."""
+        if self.config.space == "patch":
+            return F.pixel_unshuffle(pixel_values, self.config.patch_size)
         if self.vae is None:
             return pixel_values
         if self.needs_autoencoder_fit:
@@ -350,6 +388,9 @@ class TextToImage(nn.Module):
             return self.vae.encode(pixel_values).latent_dist.sample() * self.latent_scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``encode_images``: denoiser space -> pixels (roughly in [-1, 1])."""
+        if self.config.space == "patch":
+            return F.pixel_shuffle(latents, self.config.patch_size)
         if self.vae is None:
             return latents
         return self.vae.decode(latents / self.latent_scale).sample
@@ -359,8 +400,11 @@ class TextToImage(nn.Module):
         """The denoiser's raw output (epsilon or v, by ``prediction_type``)."""
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(sample.shape[0])
+        extra = {}
+        if getattr(self.denoiser.config, "class_embed_type", None) == "projection":
+            extra["class_labels"] = pooled_text(text, text_mask)
         return self.denoiser(
-            sample, timestep=timesteps, encoder_hidden_states=text, encoder_attention_mask=text_mask
+            sample, timestep=timesteps, encoder_hidden_states=text, encoder_attention_mask=text_mask, **extra
         ).sample
 
     def forward(self, pixel_values: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
@@ -445,10 +489,14 @@ class TextToImage(nn.Module):
         scheduler = scheduler or self.config.scheduler
         if not prompts:
             raise ValueError("prompts: empty list; give at least one prompt")
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+            raise TypeError(f"num_inference_steps: expected an int, got {steps!r}")
         if steps < 1:
             raise ValueError(f"num_inference_steps: expected >= 1, got {steps}")
-        if scale < 0:
-            raise ValueError(f"guidance_scale: expected >= 0, got {scale}")
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"guidance_scale: expected a number, got {scale!r}")
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"guidance_scale: expected a finite number >= 0, got {scale}")
         if batch_size < 1 or num_images_per_prompt < 1:
             raise ValueError(
                 f"batch_size and num_images_per_prompt must be >= 1, got {batch_size}, {num_images_per_prompt}"
@@ -458,6 +506,7 @@ class TextToImage(nn.Module):
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt: expected 1 or {len(prompts)} strings, got {len(negatives)}")
+        steps, scale = int(steps), float(scale)
         sampler = self.make_sampler(scheduler)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]

@@ -39,6 +39,7 @@ class TextEncoderConfig:
     freeze: bool | None = None  # None: train "scratch", freeze "pretrained" and "lm"
     max_length: int = 16  # tokens per caption, padded/truncated
     hidden_layer: int = -1  # which hidden state of an "lm" to use (-1: last)
+    trust_remote_code: bool = False  # run a checkpoint's own Python code (only for checkpoints you trust)
     # "scratch" only:
     vocab_size: int = 512  # BPE vocabulary trained on the corpus (the 256 bytes always included)
     hidden_size: int = 64
@@ -90,9 +91,9 @@ def train_tokenizer(corpus: Iterable[str] | None, vocab_size: int = 512) -> tran
     )
 
 
-def _pretrained_text_model_class(name_or_path: str) -> type[PreTrainedModel]:
+def _pretrained_text_model_class(name_or_path: str, trust_remote_code: bool = False) -> type[PreTrainedModel]:
     """The text-only model class for a checkpoint: CLIP/SigLIP text towers, T5 encoders, else AutoModel."""
-    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     by_type = {
         "clip": transformers.CLIPTextModel,
         "clip_text_model": transformers.CLIPTextModel,
@@ -154,11 +155,13 @@ class TextEncoder(nn.Module):
                 f"text_encoder.name_or_path: required for kind {config.kind!r} "
                 "(or pass the LM and tokenizer with TextEncoder.from_language_model)"
             )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(config.name_or_path)
+        remote = config.trust_remote_code
+        tokenizer = transformers.AutoTokenizer.from_pretrained(config.name_or_path, trust_remote_code=remote)
         if config.kind == "lm":
-            model = transformers.AutoModelForCausalLM.from_pretrained(config.name_or_path)
+            model = transformers.AutoModelForCausalLM.from_pretrained(config.name_or_path, trust_remote_code=remote)
         else:
-            model = _pretrained_text_model_class(config.name_or_path).from_pretrained(config.name_or_path)
+            model_class = _pretrained_text_model_class(config.name_or_path, remote)
+            model = model_class.from_pretrained(config.name_or_path, trust_remote_code=remote)
         return cls(model, tokenizer, config)
 
     @classmethod
@@ -183,7 +186,9 @@ class TextEncoder(nn.Module):
                     config: TextEncoderConfig) -> TextEncoder:
         """Load what ``save`` wrote (no network: local folders only)."""
         model = _model_class_by_name(class_name).from_pretrained(model_dir, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            tokenizer_dir, local_files_only=True, trust_remote_code=config.trust_remote_code
+        )
         return cls(model, tokenizer, config)
 
     def save(self, model_dir: str | Path, tokenizer_dir: str | Path) -> str:

@@ -353,13 +353,21 @@ class VisionLanguageModel(nn.Module):
         if len(prompts) != len(images):
             raise ValueError(f"prompt: {len(prompts)} prompts for {len(images)} images; give one or one per image")
         captions: list[str] = []
-        with _eval_mode(self):
-            for start in _batch_starts(len(images), batch_size, progress, "caption"):
-                chunk = images[start:start + batch_size]
-                rows = [self.prompt_ids(p) for p in prompts[start:start + batch_size]]
-                captions += self._generate(rows, self._pixel_values(chunk), max_new_tokens, num_beams, do_sample,
-                                           temperature, top_p)
+        for start in _batch_starts(len(images), batch_size, progress, "caption"):
+            captions += self.caption_pixels(self._pixel_values(images[start:start + batch_size]),
+                                            prompts[start:start + batch_size], max_new_tokens, num_beams,
+                                            do_sample, temperature, top_p)
         return captions
+
+    def caption_pixels(self, pixel_values: torch.Tensor, prompt: str | Sequence[str] | None = None,
+                       max_new_tokens: int = 32, num_beams: int = 1, do_sample: bool = False,
+                       temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+        """Captions for a batch already preprocessed by ``image_transform`` (what a DataLoader yields)."""
+        n = pixel_values.shape[0]
+        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * n
+        with _eval_mode(self):
+            return self._generate([self.prompt_ids(p) for p in prompts], pixel_values.to(self.device),
+                                  max_new_tokens, num_beams, do_sample, temperature, top_p)
 
     def generate_text(self, prompt: str, max_new_tokens: int = 32, num_beams: int = 1, do_sample: bool = False,
                       temperature: float = 1.0, top_p: float = 1.0) -> str:
@@ -380,12 +388,18 @@ class VisionLanguageModel(nn.Module):
         images = _as_image_list(images)
         labels = _check_labels(labels)
         templates = _check_templates(prompt)
-        scores = torch.zeros(len(images), len(labels))
+        probs = [self.classify_pixels(self._pixel_values(images[start:start + batch_size]), labels, templates)
+                 for start in _batch_starts(len(images), batch_size, progress, "classify")]
+        return torch.cat(probs)
+
+    def classify_pixels(self, pixel_values: torch.Tensor, labels: Sequence[str],
+                        prompt: str | Sequence[str] = "a photo of a {}") -> torch.Tensor:
+        """``classify`` for a batch already preprocessed by ``image_transform``."""
+        labels = _check_labels(labels)
+        templates = _check_templates(prompt)
         with _eval_mode(self):
-            for start in _batch_starts(len(images), batch_size, progress, "classify"):
-                pixel_values = self._pixel_values(images[start:start + batch_size])
-                for template in templates:
-                    scores[start:start + batch_size] += self.label_log_likelihoods(pixel_values, labels, template).cpu()
+            pixel_values = pixel_values.to(self.device)
+            scores = sum(self.label_log_likelihoods(pixel_values, labels, t).cpu() for t in templates)
         return (scores / len(templates)).softmax(dim=-1)
 
     @torch.no_grad()
@@ -397,10 +411,10 @@ class VisionLanguageModel(nn.Module):
         the labels; ``False`` scores every (image, label) pair with a full forward pass (reference).
         ``max_rows`` bounds image x label rows per LM call.
         """
-        prefix_text, suffix = template.split("{}", 1)
-        answers = [self._answer_ids(label + suffix, i) for i, label in enumerate(labels)]
+        prefix_text, answer_texts = split_template(template, labels)
+        answers = [self._answer_ids(text, i) for i, text in enumerate(answer_texts)]
         if not share_prefix:
-            return self._label_scores_naive(pixel_values, prefix_text, [label + suffix for label in labels])
+            return self._label_scores_naive(pixel_values, prefix_text, answer_texts)
         prefix = self.prompt_ids(prefix_text)
         n_img, n_lab = pixel_values.shape[0], len(labels)
         prefix_ids = torch.tensor([prefix] * n_img, device=self.device)
@@ -492,6 +506,19 @@ def _check_labels(labels: Sequence[str]) -> list[str]:
     if duplicates:
         raise ValueError(f"labels: duplicates are ambiguous: {duplicates}")
     return list(labels)
+
+
+def split_template(template: str, labels: Sequence[str]) -> tuple[str, list[str]]:
+    """``"a photo of a {}"`` -> prompt ``"a photo of a"`` and answers ``[" red circle", ...]``.
+
+    The whitespace before the slot moves to the answer, so prompt and answer tokenise separately
+    exactly as the whole sentence does (byte-level BPE keeps a word's leading space in its token:
+    "a small red" is "a", "Ġsmall", "Ġred", never "a", "Ġsmall", "Ġ", "red").
+    """
+    before, after = template.split("{}", 1)
+    prompt = before.rstrip()
+    space = before[len(prompt):]
+    return prompt, [space + label + after for label in labels]
 
 
 def _check_templates(prompt: str | Sequence[str]) -> list[str]:

@@ -31,14 +31,15 @@ class VisionLanguageTask(Task):
     def collate(self, samples: list) -> dict:
         return collate_images_and_texts(samples)
 
-    def targets(self, batch: dict) -> list[str]:
-        """The text each sample is trained to produce."""
+    def prompts_and_targets(self, batch: dict) -> tuple[list[str] | None, list[str]]:
+        """The prompt each sample gets (None: the model's default) and the text it is trained to produce."""
         if self.config.data.caption_choice == "first":
-            return [captions[0] for captions in batch["captions"]]
-        return batch["caption"]
+            return None, [captions[0] for captions in batch["captions"]]
+        return None, batch["caption"]
 
     def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        inputs = unwrap(model).prepare_batch(batch["pixel_values"], self.targets(batch))
+        prompts, targets = self.prompts_and_targets(batch)
+        inputs = unwrap(model).prepare_batch(batch["pixel_values"], targets, prompts)
         return model(**inputs).loss
 
 
@@ -49,11 +50,7 @@ class CaptioningTask(VisionLanguageTask):
         cfg = self.config
         predictions, references, attributes, images = [], [], [], []
         for batch in iterate_dataset(dataset, cfg.data.eval_batch_size, cfg.eval.max_samples):
-            # The batch is already preprocessed: generate from the pixel tensors (model.caption would
-            # treat them as raw images and normalise them a second time).
-            pixels = batch["pixel_values"].to(model.device)
-            predictions += model._generate([model.prompt_ids(None)] * len(pixels), pixels, CAPTION_TOKENS,
-                                           num_beams=1, do_sample=False, temperature=1.0, top_p=1.0)
+            predictions += model.caption_pixels(batch["pixel_values"], max_new_tokens=CAPTION_TOKENS)
             references += batch["captions"]
             attributes += batch["attributes"]
             if len(images) < cfg.eval.num_examples:
@@ -82,7 +79,8 @@ def write_caption_examples(out_dir: Path, split: str, pixel_values: list, predic
     out_dir.mkdir(parents=True, exist_ok=True)
     images = [vlm_display_image(p, model) for p in pixel_values]
     n = len(images)
-    image_grid(images, captions=predictions[:n], path=out_dir / f"{split}_captions.png")
+    if n:
+        image_grid(images, captions=predictions[:n], path=out_dir / f"{split}_captions.png")
     with open(out_dir / f"{split}_captions.jsonl", "w", encoding="utf-8") as f:
         for pred, refs in zip(predictions[:n], references[:n]):
             f.write(json.dumps({"prediction": pred, "references": refs}, ensure_ascii=False) + "\n")

@@ -46,23 +46,24 @@ class ClassificationTask(VisionLanguageTask):
                              f"'{self.config.data.label_field}'")
         return found
 
-    def targets(self, batch: dict) -> list[str]:
+    def prompts_and_targets(self, batch: dict) -> tuple[list[str], list[str]]:
+        """Prompt = the first template's text before the slot, target = the label (and the text after it),
+        split exactly as ``classify`` splits them when it scores the labels."""
+        from mmlm.models.vlm import split_template
+
         missing = [i for i, label in enumerate(batch["label"]) if label is None]
         if missing:
             raise ValueError(f"classification needs a label per sample; batch items {missing} have none "
                              f"(label_field '{self.config.data.label_field}')")
-        return [self.templates[0].format(label) for label in batch["label"]]
+        prompt, targets = split_template(self.templates[0], batch["label"])
+        return [prompt] * len(targets), targets
 
     def evaluate(self, model, dataset, out_dir: Path, split: str) -> dict[str, float]:
         cfg = self.config
         labels = self.labels()
         y_true, y_pred, examples = [], [], []
         for batch in iterate_dataset(dataset, cfg.data.eval_batch_size, cfg.eval.max_samples):
-            # The batch is already preprocessed: score from the pixel tensors (model.classify would
-            # treat them as raw images and normalise them a second time).
-            pixels = batch["pixel_values"].to(model.device)
-            scores = sum(model.label_log_likelihoods(pixels, labels, t).cpu() for t in self.templates)
-            probs = (scores / len(self.templates)).softmax(dim=-1)
+            probs = model.classify_pixels(batch["pixel_values"], labels, self.templates)
             y_true += batch["label"]
             y_pred += [labels[i] for i in probs.argmax(dim=-1).tolist()]
             for image, row in zip(batch["pixel_values"], probs):
@@ -77,7 +78,9 @@ class ClassificationTask(VisionLanguageTask):
         save_confusion_matrix_png(report["confusion_matrix"], labels, out_dir / f"{split}_confusion.png")
         from mmlm.eval.plots import image_grid
 
-        image_grid([e[0] for e in examples], captions=[e[1] for e in examples], path=out_dir / f"{split}_examples.png")
+        if examples:
+            image_grid([e[0] for e in examples], captions=[e[1] for e in examples],
+                       path=out_dir / f"{split}_examples.png")
         write_metrics({"per_class": report["per_class"], "labels": labels,
                        "confusion_matrix": report["confusion_matrix"]}, out_dir / f"{split}_per_class.json")
         return {k: v for k, v in report.items() if isinstance(v, (int, float))}

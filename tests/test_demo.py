@@ -1,0 +1,42 @@
+"""`mmlm demo --quick` end to end: every promised file exists and the metrics are numbers in range."""
+
+import json
+import math
+
+import pytest
+
+from mmlm.cli import main
+
+
+def _numbers(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _numbers(value, f"{prefix}{key}/")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield prefix.rstrip("/"), tree
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in ("report.md", "report.html", "metrics.json", "captioner/model/model.safetensors",
+                 "generator/model/config.json", "captioner/loss_curve.png", "generator/loss_curve.png",
+                 "data_sample/manifest.jsonl"):
+        assert (out / name).is_file(), name
+    images = {p.name for p in (out / "images").glob("*.png")}
+    assert "test_captions.png" in images and any(n.startswith("generated_") for n in images)
+    report = (out / "report.md").read_text()
+    assert "Quick run" in report and "images/test_captions.png" in report
+    metrics = json.loads((out / "metrics.json").read_text())
+    numbers = dict(_numbers(metrics))
+    assert all(math.isfinite(v) for v in numbers.values())
+    for key in ("captioner/test/exact_match", "captioner/test/bleu_4", "captioner/compositional/exact_match",
+                "zero_shot_classification/accuracy", "generator/test/fidelity", "generator/test/kid_mean"):
+        assert key in numbers, key
+    for key, value in numbers.items():
+        if key.endswith(("exact_match", "accuracy", "fidelity", "bleu_4", "rouge_l")):
+            assert 0.0 <= value <= 1.0, (key, value)
+    assert metrics["timings"]["total_s"] < 240
+    assert f"mmlm caption {out}/captioner" in printed and "mmlm generate" in printed

@@ -53,16 +53,18 @@ def build_llava(vocab_size: int) -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(config)
 
 
-def timed(fn, repeats: int, warmup: int = 1) -> float:
-    """Seconds per call (median of ``repeats`` after ``warmup``)."""
+def timed_pair(fn_a, fn_b, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Seconds per call of two functions, alternated call by call (median of each), so that a passing
+    load on the shared cores hits both sides alike instead of skewing the ratio."""
     for _ in range(warmup):
-        fn()
-    times = []
+        fn_a(), fn_b()
+    times_a, times_b = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return sorted(times_a)[len(times_a) // 2], sorted(times_b)[len(times_b) // 2]
 
 
 def params_m(model) -> float:
@@ -98,9 +100,9 @@ def bench_training(ours, llava, batch: int, steps: int) -> tuple[float, float]:
         return run
 
     ours.train(), llava.train()
-    t_ours = timed(step(ours, pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels), steps)
-    t_llava = timed(step(llava, pixel_values=pixels, input_ids=llava_ids, attention_mask=llava_mask,
-                         labels=llava_labels), steps)
+    t_ours, t_llava = timed_pair(
+        step(ours, pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels),
+        step(llava, pixel_values=pixels, input_ids=llava_ids, attention_mask=llava_mask, labels=llava_labels), steps)
     ours.eval(), llava.eval()
     return batch / t_ours, batch / t_llava
 
@@ -109,16 +111,18 @@ def bench_training(ours, llava, batch: int, steps: int) -> tuple[float, float]:
 def bench_generation(ours, llava, batch: int, new_tokens: int, repeats: int) -> tuple[float, float]:
     pixels = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
     rows = [ours.prompt_ids("")] * batch
+    llava_ids = torch.full((batch, IMAGE_TOKENS), llava.config.image_token_index)
     eos = ours.eos_token_id
     ours.eos_token_id = -1  # never stop early: both models generate exactly new_tokens tokens
     try:
-        t_ours = timed(lambda: ours._generate(rows, pixels, new_tokens, 1, False, 1.0, 1.0), repeats)
+        t_ours, t_llava = timed_pair(
+            lambda: ours._generate(rows, pixels, new_tokens, 1, False, 1.0, 1.0),
+            lambda: llava.generate(input_ids=llava_ids, pixel_values=pixels, attention_mask=torch.ones_like(llava_ids),
+                                   do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                   pad_token_id=0),
+            repeats)
     finally:
         ours.eos_token_id = eos
-    llava_ids = torch.full((batch, IMAGE_TOKENS), llava.config.image_token_index)
-    t_llava = timed(lambda: llava.generate(
-        input_ids=llava_ids, pixel_values=pixels, attention_mask=torch.ones_like(llava_ids), do_sample=False,
-        max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0), repeats)
     return batch * new_tokens / t_ours, batch * new_tokens / t_llava
 
 
@@ -126,9 +130,10 @@ def bench_generation(ours, llava, batch: int, new_tokens: int, repeats: int) -> 
 def bench_classification(ours, images: int, n_labels: int, repeats: int) -> tuple[float, float]:
     pixels = torch.randn(images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(2))
     labels = LABELS[:n_labels]
-    shared = timed(lambda: ours.label_log_likelihoods(pixels, labels, "a photo of a {}"), repeats)
-    naive = timed(lambda: ours.label_log_likelihoods(pixels, labels, "a photo of a {}", share_prefix=False),
-                  max(1, repeats // 2))
+    shared, naive = timed_pair(
+        lambda: ours.label_log_likelihoods(pixels, labels, "a photo of a {}"),
+        lambda: ours.label_log_likelihoods(pixels, labels, "a photo of a {}", share_prefix=False),
+        max(1, repeats // 2))
     return images / shared, images / naive
 
 

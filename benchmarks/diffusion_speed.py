@@ -8,7 +8,7 @@
   built from the same parts (in latent space, this script's default; the text encoder is a CLIPTextModel).
 
     python benchmarks/diffusion_speed.py                  # latent space, 32 px, default denoiser
-    python benchmarks/diffusion_speed.py --space pixel    # the default recipe (no SD-pipeline column)
+    python benchmarks/diffusion_speed.py --space patch    # the default recipe (no SD-pipeline column)
     python benchmarks/diffusion_speed.py --quick    # small counts: checks the script runs
 """
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
-from mmlm.models.diffusion import TextToImage, TextToImageConfig, to_pil
+from mmlm.models.diffusion import DenoiserConfig, TextToImage, TextToImageConfig, to_pil
 from mmlm.models.text_encoder import TextEncoderConfig
 
 PROMPTS = ["a large red circle in the center", "a small blue square on the left", "a large green star at the top",
@@ -43,7 +43,10 @@ def timed(fn, repeats: int) -> float:
 
 def build(args) -> TextToImage:
     torch.manual_seed(0)
-    config = TextToImageConfig(space=args.space, text_encoder=TextEncoderConfig(freeze=True), caption_dropout=0.0)
+    # StableDiffusionPipeline cannot feed the pooled text (class_labels) to the UNet: leave it out in latent space.
+    denoiser = DenoiserConfig(pooled_text=False) if args.space == "latent" else DenoiserConfig()
+    config = TextToImageConfig(space=args.space, denoiser=denoiser, text_encoder=TextEncoderConfig(freeze=True),
+                               caption_dropout=0.0)
     model = TextToImage.from_config(config, corpus=PROMPTS * 10)
     if model.needs_autoencoder_fit:  # weights do not matter for speed; just compute the scale
         model.fit_autoencoder(torch.rand(16, 3, config.image_size, config.image_size) * 2 - 1, steps=0)
@@ -66,7 +69,8 @@ def training_speed(model: TextToImage, batch: int, steps: int) -> tuple[float, f
 
     def plain_diffusers():
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor if vae else pixels
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor if vae else None
+            latents = model.encode_images(pixels) if latents is None else latents  # pixels or their patches
             ids = tokenizer(captions, padding="max_length", max_length=model.config.text_encoder.max_length,
                             truncation=True, return_tensors="pt").input_ids
             text = text_model(ids)[0]
@@ -74,13 +78,18 @@ def training_speed(model: TextToImage, batch: int, steps: int) -> tuple[float, f
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
         noisy = scheduler.add_noise(latents, noise, t)
         target = scheduler.get_velocity(latents, noise, t)
-        loss = F.mse_loss(unet(noisy, t, text).sample, target)
+        loss = F.mse_loss(unet(noisy, t, text, class_labels=pooled(unet, text)).sample, target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
     model.train()
     return 1 / timed(ours, steps), 1 / timed(plain_diffusers, steps)
+
+
+def pooled(unet, text: torch.Tensor) -> torch.Tensor | None:
+    """The pooled text for a UNet with a text projection in its timestep embedding (unmasked mean), else None."""
+    return text.mean(1) if unet.config.class_embed_type == "projection" else None
 
 
 def hand_pipeline(model: TextToImage, sampler_name: str, steps: int, guidance: float, prompts: list[str]):
@@ -100,7 +109,8 @@ def hand_pipeline(model: TextToImage, sampler_name: str, steps: int, guidance: f
         latents = latents * sampler.init_noise_sigma
         for t in sampler.timesteps:
             inp = sampler.scale_model_input(torch.cat([latents] * 2), t)
-            out_u, out_c = unet(inp, t, torch.cat([uncond, cond])).sample.chunk(2)
+            both = torch.cat([uncond, cond])
+            out_u, out_c = unet(inp, t, both, class_labels=pooled(unet, both)).sample.chunk(2)
             latents = sampler.step(out_u + guidance * (out_c - out_u), t, latents).prev_sample
         return to_pil(model.decode(latents))
 
@@ -123,7 +133,7 @@ def diffusers_pipeline(model: TextToImage, sampler_name: str, steps: int, guidan
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--space", choices=["latent", "pixel"], default="latent",
+    parser.add_argument("--space", choices=["latent", "pixel", "patch"], default="latent",
                         help="latent (default) also compares against StableDiffusionPipeline")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=10)

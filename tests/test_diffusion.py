@@ -60,7 +60,7 @@ def test_config_round_trips_through_from_dict_and_to_dict():
         ({"prediction_type": "sample"}, "prediction_type"),
         ({"scheduler": "euler"}, "model.scheduler"),
         ({"space": "latent", "vae": None}, "model.vae"),
-        ({"denoiser": {"attention": [False, False, False]}}, "cross-attention"),
+        ({"denoiser": {"attention": [False, False]}}, "cross-attention"),
         ({"denoiser": {"attention": [True]}}, "one flag per level"),
         ({"text_encoder": {"kind": "pretrained"}}, "name_or_path"),
         ({"caption_dropout": 1.5}, "caption_dropout"),
@@ -168,6 +168,23 @@ def test_patch_space_is_a_lossless_rearrangement_at_a_lower_resolution():
     # Channel c * 16 + i * 4 + j of patch (y, x) holds pixel (4y + i, 4x + j) of colour channel c.
     assert torch.equal(patches[0, ::16, 0, 0], images[0, :, 0, 0])
     assert torch.equal(patches[1, 2 * 16 + 1 * 4 + 3, 2, 1], images[1, 2, 9, 7])
+
+
+def test_noise_shift_lowers_the_log_snr_of_every_step_and_survives_save_load(tmp_path):
+    def log_snr(model):
+        a = model.noise_scheduler.alphas_cumprod.double()
+        return torch.log(a / (1 - a))
+
+    plain, shifted = tiny_model(), tiny_model(noise_shift=2.0)
+    middle = slice(1, 990)  # away from the clamped ends of the cosine schedule
+    torch.testing.assert_close(log_snr(shifted)[middle], log_snr(plain)[middle] - 2 * np.log(2.0), atol=1e-3, rtol=0)
+    sampler = shifted.make_sampler("dpm++")
+    torch.testing.assert_close(sampler.alphas_cumprod, shifted.noise_scheduler.alphas_cumprod)
+    shifted.save_pretrained(tmp_path / "t2i")
+    loaded = TextToImage.from_pretrained(tmp_path / "t2i")
+    torch.testing.assert_close(loaded.noise_scheduler.alphas_cumprod, shifted.noise_scheduler.alphas_cumprod)
+    with pytest.raises(ConfigError, match="noise_shift"):
+        tiny_config(noise_shift=0.0)
 
 
 def test_masked_mean_of_the_text_ignores_padding():
@@ -361,3 +378,23 @@ def test_pretrained_autoencoder_from_a_local_folder_keeps_its_scaling_factor(tmp
     assert not model.needs_autoencoder_fit and float(model.latent_scale) == pytest.approx(0.37)
     assert model.denoiser.config.sample_size == 8 and model.denoiser.config.in_channels == 4
     assert torch.isfinite(model.training_loss(random_images(2), CORPUS[:2]))
+
+
+# ------------------------------------------------------------------ the recipe
+def test_the_shapes_recipe_trains_and_evaluates_through_the_harness(tmp_path):
+    """configs/shapes_diffusion.yaml as written (model, loss, samplers), shrunk to seconds of data and steps."""
+    from pathlib import Path
+
+    from mmlm.api import load, train
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "shapes_diffusion.yaml"
+    shrink = [f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.max_minutes=null", "train.warmup_steps=1",
+              "train.num_threads=1", "data.batch_size=4", "data.shapes.n_train=16", "data.shapes.n_val=4",
+              "data.shapes.n_test=4", "data.shapes.n_compositional=4", "eval.max_samples=4", "eval.num_examples=1",
+              "eval.judge_steps=5", 'eval.samplers=["dpm++:2", "ddim:3"]']
+    result = train(recipe, shrink)
+    assert result["step"] == 2
+    assert {"test/fidelity", "test/fidelity/ddim:3", "test/fid"} <= set(result)
+    model = load(tmp_path / "run")
+    assert model.config.space == "patch" and model.denoiser.config.class_embed_type == "projection"
+    assert model.generate("a small red circle", num_inference_steps=2, seed=0)[0].size == (32, 32)

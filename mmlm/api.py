@@ -53,7 +53,7 @@ def _run_config_for(path: Path, data: str | None, overrides: list[str]) -> tuple
 def evaluate(run: str | Path, *, data: str | None = None, split: str = "test", out_dir: str | Path | None = None,
              overrides: list[str] = ()) -> dict[str, Any]:
     """Evaluate a run folder (its final model) or a saved model folder on a data split."""
-    from mmlm.eval.report import write_metrics
+    from mmlm.eval.report import write_run_report
 
     run = Path(run)
     if not run.exists():
@@ -68,7 +68,7 @@ def evaluate(run: str | Path, *, data: str | None = None, split: str = "test", o
         raise ValueError(f"split '{split}' not available for data '{config.data.source}'; have {', '.join(datasets)}")
     out.mkdir(parents=True, exist_ok=True)
     metrics = task.evaluate(model, datasets[split], out, split)
-    write_metrics(metrics, out / "metrics.json")
+    write_run_report(out, f"{config.task} evaluation of {model_dir} on '{split}'", metrics, sorted(out.glob("*.png")))
     return metrics
 
 

@@ -59,7 +59,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
     cap_result = train(cap_cfg)
     timings["captioner_s"] = time.perf_counter() - t0
 
-    _section("3/4 generator: text-conditioned latent diffusion, trained from scratch")
+    _section("3/4 generator: text-conditioned diffusion (UNet on 2x2 pixel patches), trained from scratch")
     gen_cfg = load_config(recipe("shapes_diffusion.yaml"), QUICK_GENERATOR if quick else [])
     gen_cfg.output_dir = str(out / "generator")
     gen_cfg.eval.captioner = str(out / "captioner" / "model")  # caption round trip of generated images
@@ -143,9 +143,9 @@ def write_report(out: Path, metrics: dict, captioner, generator, cap_cfg, zero_s
     for caption, row in zip(captions, probs):
         top = row.topk(2)
         shown = ", ".join(f"{labels[i]} {p:.2f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
-        texts.append(f"{caption}\n[{shown}]")
+        texts.append(f"[{shown}] {caption}")
     report.image_grid([r.image for r in records], texts, name="test_captions",
-                      caption="Test images: predicted caption, and the top zero-shot labels with probabilities")
+                      caption="Test images: [top zero-shot labels with probabilities] and the predicted caption")
     report.loss_curve(out / "captioner" / "metrics.jsonl", name="captioner_loss", caption="Captioner loss")
 
     report.section("Zero-shot classification by prompt")

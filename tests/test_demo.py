@@ -40,3 +40,24 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
             assert 0.0 <= value <= 1.0, (key, value)
     assert metrics["timings"]["total_s"] < 240
     assert f"mmlm caption {out}/captioner" in printed and "mmlm generate" in printed
+    run_examples(out, tmp_path)
+
+
+def run_examples(out, tmp_path):
+    """The pipeline examples work on the demo's models (generate -> caption -> classify; caption a folder)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    grid = tmp_path / "round_trip.png"
+    done = subprocess.run([sys.executable, str(examples / "round_trip.py"), str(out / "generator"),
+                           str(out / "captioner"), "--out", str(grid)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert grid.is_file() and done.stdout.count("caption:") == 3
+    jsonl = tmp_path / "captions.jsonl"
+    done = subprocess.run([sys.executable, str(examples / "caption_folder.py"), str(out / "captioner"),
+                           str(out / "data_sample"), str(jsonl)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(rows) == 16 and all(isinstance(r["caption"], str) for r in rows)

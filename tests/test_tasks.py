@@ -32,8 +32,11 @@ def test_captioning_trains_evaluates_and_saves(tmp_path):
     result = train(run_config(tmp_path, "captioning"))
     run = tmp_path / "captioning"
     assert result["step"] == 6
-    for name in ("config.yaml", "metrics.jsonl", "loss_curve.png", "model/config.json"):
+    for name in ("config.yaml", "metrics.jsonl", "loss_curve.png", "model/config.json", "metrics.json",
+                 "report.md", "report.html"):
         assert (run / name).is_file(), name
+    report = (run / "report.md").read_text()
+    assert "test/exact_match" in report and "images/test_captions.png" in report
     test = {k: v for k, v in result.items() if k.startswith("test/")}
     assert 0.0 <= test["test/exact_match"] <= 1.0 and 0.0 <= test["test/bleu_4"] <= 1.0
     assert model_kind(run / "model") == "vision_language"
@@ -48,6 +51,7 @@ def test_captioning_trains_evaluates_and_saves(tmp_path):
     assert [r["prediction"] for r in rows] == captioner.caption([r.image for r in records], max_new_tokens=48)
     metrics = evaluate(run, split="val")
     assert json.loads((run / "eval_val" / "metrics.json").read_text())["num_samples"] == metrics["num_samples"] == 8
+    assert "val_captions.png" in (run / "eval_val" / "report.md").read_text()
 
 
 def test_classification_by_prompt_on_combined_labels(tmp_path):

@@ -289,3 +289,25 @@ class ReportWriter:
         paths["markdown"].write_text(self.to_markdown() + "\n", encoding="utf-8")
         paths["html"].write_text(self.to_html() + "\n", encoding="utf-8")
         return paths
+
+
+def write_run_report(out_dir: str | Path, title: str, metrics: Mapping[str, Any],
+                     pictures: Sequence[str | Path] = (), metrics_jsonl: str | Path | None = None) -> dict[str, Path]:
+    """``metrics.json`` and ``report.md`` / ``report.html`` for a run or an evaluation: the metrics table,
+    the loss curve (when a metrics.jsonl is given) and the evaluation's pictures (sample grids, confusion
+    matrices), each under its file name."""
+    out_dir = Path(out_dir)
+    write_metrics(metrics, out_dir / "metrics.json")
+    report = ReportWriter(out_dir, title)
+    report.section("Metrics").metrics(metrics)
+    if metrics_jsonl is not None and Path(metrics_jsonl).is_file():
+        report.section("Training")
+        try:
+            report.loss_curve(metrics_jsonl, caption="Loss against optimiser step")
+        except ValueError:  # no loss rows yet (e.g. zero steps)
+            report.text("No training loss was logged.")
+    if pictures:
+        report.section("Samples")
+        for picture in pictures:
+            report.image(picture, caption=Path(picture).stem.replace("_", " "), name=Path(picture).stem)
+    return report.write()

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from mmlm.eval.plots import plot_loss_curve, read_metrics_jsonl
+from mmlm.eval.report import write_run_report
 from mmlm.config import ConfigError, RunConfig, TrainConfig, save_yaml, to_dict
 from mmlm.data.datasets import guard_workers
 from mmlm.train import checkpoint as ckpt
@@ -779,11 +780,6 @@ class Trainer:
         if self.config.train.best_metric is not None:
             paths["best_dir"] = str(self.output_dir / "best")
 
-        def save_final() -> None:
-            self._save_model_to(self.output_dir / "model")
-            plot_loss_curve(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png")
-
-        self._on_main("saving the final model", save_final)
         skipped = self._report_skipped()
         paths["skipped_file"] = str(self.output_dir / "skipped.jsonl")
         summary: dict[str, Any] = {"step": self.step, "epoch": self.epoch_progress, "train/loss": last_loss,
@@ -792,4 +788,13 @@ class Trainer:
         if self.best_value is not None:
             summary["best/" + self.config.train.best_metric] = self.best_value
             summary["best/step"] = self.best_step
+
+        def save_final() -> None:
+            self._save_model_to(self.output_dir / "model")
+            plot_loss_curve(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png")
+            pictures = sorted(self.output_dir.glob(f"eval/*_step_{self.step:06d}/*.png"))
+            write_run_report(self.output_dir, f"{type(self.task).__name__}: {self.output_dir.name}",
+                             {**summary, **metrics}, pictures, self.output_dir / "metrics.jsonl")
+
+        self._on_main("saving the final model and the report", save_final)
         return {**summary, **metrics, **paths}

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -34,6 +33,7 @@ from mmlm.config import DataConfig, RunConfig, TrainConfig
 from mmlm.data import DataWorkerError, ImageTextDataset, Record, collate_image_text, guard_workers
 from mmlm.train import CheckpointWriteError, Task, Trainer, latest_checkpoint, list_checkpoints
 from mmlm.train import checkpoint as ckpt
+from mmlm.train.trainer import reset_accelerate_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,15 +216,6 @@ class PairsTask(Task):
         save_file(model.state_dict(), str(Path(directory) / "model.safetensors"))
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def pairs_config(out: Path) -> RunConfig:
     return RunConfig(task="pairs", output_dir=str(out), data=DataConfig(batch_size=4),
                      train=TrainConfig(lr=1e-2, warmup_steps=0, max_steps=6, save_every=2, keep_last=3,
@@ -284,8 +275,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_resumes(tmp_path, mo
     assert [p.name for p in root.iterdir()] == ["step_000002"]  # nothing half-written left behind
     assert digest(root / "step_000002") == previous  # byte for byte as it was
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     resumed = Trainer(config, PairsTask(config), resume=True)
     assert resumed.step == 2
     assert resumed.fit()["step"] == 6 and latest_checkpoint(root).name == "step_000006"

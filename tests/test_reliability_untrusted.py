@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from mmlm.data import DataError, read_records
 from mmlm.safety import UnsafeFileError, load_state_dict, load_torch_file
+from mmlm.train.trainer import reset_accelerate_state
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mmlm"
 
@@ -105,14 +106,13 @@ def test_timm_vision_weights_path_refuses_a_malicious_pickle(tmp_path):
 
 
 def test_resume_from_a_tampered_checkpoint_runs_no_code(tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
+    from mmlm.train.trainer import reset_accelerate_state
     from test_reliability_faults import PairsTask, pairs_config  # a tiny regression task
 
     from mmlm.train import CheckpointError, Trainer
 
     def reset():
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
 
     reset()
     config = pairs_config(tmp_path / "run")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
@@ -25,6 +24,7 @@ from mmlm.train import (
     parameter_groups,
 )
 from mmlm.eval.plots import read_metrics_jsonl as read_metrics
+from mmlm.train.trainer import reset_accelerate_state
 
 
 class ToyNet(nn.Module):
@@ -90,15 +90,6 @@ class ToyTask(Task):
         save_file(model.state_dict(), str(Path(directory) / "model.safetensors"))
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def make_config(tmp_path, batch_size=8, **train) -> RunConfig:
     defaults = {"lr": 1e-2, "warmup_steps": 2, "max_steps": 6, "log_every": 1, "mixed_precision": "no",
                 "max_grad_norm": None}
@@ -150,8 +141,7 @@ def test_accumulation_matches_one_big_batch(tmp_path):
     big_cfg = make_config(tmp_path / "big", batch_size=16, max_steps=3)
     big = Trainer(big_cfg, ToyTask(big_cfg))
     big.fit()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     acc_cfg = make_config(tmp_path / "acc", batch_size=4, grad_accum_steps=4, max_steps=3)
     accumulated = Trainer(acc_cfg, ToyTask(acc_cfg))
     accumulated.fit()
@@ -262,8 +252,7 @@ def test_config_errors_surface(tmp_path):
 def test_refuses_to_mix_runs_in_one_output_dir(tmp_path):
     config = make_config(tmp_path, max_steps=2)
     Trainer(config, ToyTask(config)).fit()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     with pytest.raises(TrainingError, match="already holds checkpoints.*resume=True"):
         Trainer(config, ToyTask(config))
 
@@ -272,8 +261,7 @@ def test_stops_by_epochs_and_by_wall_clock(tmp_path):
     config = make_config(tmp_path / "epochs", max_steps=None, epochs=1.5)
     assert Trainer(config, ToyTask(config)).fit()["step"] == 12  # 64 samples / 8 = 8 steps per epoch
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     config = make_config(tmp_path / "clock", max_steps=None, max_minutes=0.01, warmup_steps=0, min_lr_ratio=0.1)
     result = Trainer(config, ToyTask(config)).fit()
     assert result["elapsed_s"] >= 0.6 and result["step"] > 5
@@ -290,7 +278,7 @@ def test_gradient_checkpointing_switch(tmp_path):
             super().__init__()
             self.lin = nn.Linear(8, 1)
 
-    AcceleratorState._reset_state(True)
+    reset_accelerate_state()
     with pytest.raises(ConfigError, match="Plain has neither"):
         Trainer(config, ToyTask(config, model_cls=Plain))
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
 from mmlm.config import DataConfig, RunConfig, TrainConfig
 from mmlm.train import Task, Trainer
+from mmlm.train.trainer import reset_accelerate_state
 
 
 class Blobs(Dataset):
@@ -92,13 +92,11 @@ def _launch(out: Path, processes: int, batch_size: int) -> None:
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     _launch(tmp_path / "two", processes=2, batch_size=4)  # 2 x 4 x accumulation 2 = 16 per step
     threads = torch.get_num_threads()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     try:
         run(str(tmp_path / "one"), batch_size=8)  # 1 x 8 x accumulation 2 = 16 per step, in this process
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         torch.set_num_threads(threads)
     two = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))

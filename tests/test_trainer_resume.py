@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
@@ -23,6 +22,7 @@ from mmlm.train import (
 )
 from mmlm.train import checkpoint as ckpt
 from mmlm.eval.plots import read_metrics_jsonl as read_metrics
+from mmlm.train.trainer import reset_accelerate_state
 
 
 class DropoutNet(nn.Module):
@@ -87,18 +87,6 @@ class NoisyTask(Task):
         save_file(model.state_dict(), str(Path(directory) / "model.safetensors"))
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    reset_accelerate()
-    yield
-    reset_accelerate()
-
-
-def reset_accelerate():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def make_config(out: Path, **train) -> RunConfig:
     # 40 samples / batch 4 = 10 micro-batches = 5 steps per epoch with accumulation 2
     defaults = {"lr": 5e-3, "warmup_steps": 3, "max_steps": 13, "schedule": "cosine", "grad_accum_steps": 2,
@@ -122,14 +110,14 @@ def test_crashed_and_resumed_run_ends_bitwise_equal(tmp_path):
     straight.fit()
     expected = final_state(straight)
 
-    reset_accelerate()
+    reset_accelerate_state()
     config = make_config(tmp_path / "crashed")
     # micro-batch 16 is step 8's second half: after the step-6 checkpoint, mid-epoch (epoch 1, batch 2 of 10)
     with pytest.raises(SimulatedCrash):
         Trainer(config, NoisyTask(config, crash_at_call=16)).fit()
     assert latest_checkpoint(tmp_path / "crashed" / "checkpoints").name == "step_000006"
 
-    reset_accelerate()
+    reset_accelerate_state()
     resumed = Trainer(config, NoisyTask(config), resume=True)
     assert (resumed.step, resumed.epoch, resumed.batch_in_epoch) == (6, 1, 2)
     result = resumed.fit()
@@ -153,7 +141,7 @@ def test_evaluation_does_not_change_the_training_trajectory(tmp_path):
     config = make_config(tmp_path / "quiet", max_steps=6, eval_every=None, save_every=None)
     quiet = Trainer(config, NoisyTask(config))
     quiet.fit()
-    reset_accelerate()
+    reset_accelerate_state()
     config = make_config(tmp_path / "busy", max_steps=6, eval_every=1, save_every=2)
     busy = Trainer(config, NoisyTask(config))
     busy.fit()
@@ -171,14 +159,14 @@ def test_resume_picks_only_complete_checkpoints(tmp_path):
     (root / ".tmp-step_000010").mkdir()
     assert latest_checkpoint(root).name == "step_000004"
 
-    reset_accelerate()
+    reset_accelerate_state()
     assert Trainer(config, NoisyTask(config), resume=True).step == 4
-    reset_accelerate()
+    reset_accelerate_state()
     assert Trainer(config, NoisyTask(config), resume=str(root / "step_000002")).step == 2
-    reset_accelerate()
+    reset_accelerate_state()
     with pytest.raises(CheckpointError, match="step_000009: incomplete checkpoint"):
         Trainer(config, NoisyTask(config), resume=half_written)
-    reset_accelerate()
+    reset_accelerate_state()
     fresh = make_config(tmp_path / "fresh", max_steps=2)
     assert Trainer(fresh, NoisyTask(fresh), resume=True).step == 0  # nothing to resume: start
 

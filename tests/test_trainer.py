@@ -257,7 +257,7 @@ def test_refuses_to_mix_runs_in_one_output_dir(tmp_path):
         Trainer(config, ToyTask(config))
 
 
-def test_stops_by_epochs_and_by_wall_clock(tmp_path):
+def test_stops_by_epochs_and_by_wall_clock(tmp_path, capsys):
     config = make_config(tmp_path / "epochs", max_steps=None, epochs=1.5)
     assert Trainer(config, ToyTask(config)).fit()["step"] == 12  # 64 samples / 8 = 8 steps per epoch
 
@@ -267,6 +267,7 @@ def test_stops_by_epochs_and_by_wall_clock(tmp_path):
     assert result["elapsed_s"] >= 0.6 and result["step"] > 5
     last_lr = [r for r in read_metrics(tmp_path / "clock" / "run" / "metrics.jsonl") if "lr" in r][-1]["lr"]
     assert last_lr < 0.2 * config.train.lr  # the schedule decayed over the time budget
+    assert "eta=0:0" in capsys.readouterr().err  # the progress bar counts down the budget
 
 
 def test_gradient_checkpointing_switch(tmp_path):

@@ -726,7 +726,11 @@ class Trainer:
             record = self._log_record(self._window, self._grad_norm)
             if self._log is not None:
                 self._log.write(record)
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+            postfix = {"loss": f"{record['loss']:.4f}", "samples_s": f"{record['samples_per_s']:.1f}"}
+            if self.config.train.max_minutes is not None:  # the bar's own ETA needs a step count; a budget has none
+                left = max(0.0, self.config.train.max_minutes * 60 - self.elapsed_s)
+                postfix["eta"] = f"{int(left // 60)}:{int(left % 60):02d}"
+            self._bar.set_postfix(postfix)
             self._window = _Window()
         pause_start = time.perf_counter()  # evaluation and saving do not count in samples/s
         if train.eval_every and self.step % train.eval_every == 0 and "val" in self.datasets:

@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole framework on the embedded shapes data", formatter_class=fmt,
                        epilog=_examples("""
-        mmlm demo                   # about 20 minutes on a 2-core CPU
+        mmlm demo                   # about 16 minutes on a 2-core CPU
         mmlm demo --quick --out /tmp/demo   # under 2 minutes, lower quality
     """))
     p.add_argument("--out", default="runs/demo")

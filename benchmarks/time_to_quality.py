@@ -12,6 +12,7 @@ number of steps each budget buys.
 
     python benchmarks/time_to_quality.py configs/shapes_captioner.yaml --budgets 1 2.5 5 10
     python benchmarks/time_to_quality.py configs/shapes_classifier.yaml --budgets 1 2.5 5
+    python benchmarks/time_to_quality.py configs/shapes_diffusion.yaml --budgets 2.5 5 10   # prompt fidelity
     python benchmarks/time_to_quality.py configs/digits_classifier.yaml --budgets 1 2 --override train.num_threads=2
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from mmlm.api import train
 from mmlm.config import load_config
 
-QUALITY_KEYS = ("exact_match", "accuracy", "cider")  # the first one the task reports is the table's metric
+QUALITY_KEYS = ("exact_match", "accuracy", "fidelity", "cider")  # the first one the task reports is the table's metric
 SPLITS = ("test", "compositional")
 
 

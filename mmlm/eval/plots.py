@@ -175,13 +175,7 @@ def plot_loss_curve(
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    with _missing_glyphs_ok():
-        fig.tight_layout()
-        fig.savefig(png_path)
-    plt.close(fig)
-    return png_path
+    return _save_figure(plt, fig, png_path)
 
 
 def save_confusion_matrix_png(matrix: Any, labels: Sequence[str], path: str | Path, normalize: bool = False) -> Path:
@@ -209,6 +203,11 @@ def save_confusion_matrix_png(matrix: Any, labels: Sequence[str], path: str | Pa
                 text = f"{value:.2g}" if np.issubdtype(matrix.dtype, np.floating) else str(value)
                 ax.text(j, i, text, ha="center", va="center", fontsize=8,
                         color="white" if colours[i, j] > threshold else "black")
+    return _save_figure(plt, fig, path)
+
+
+def _save_figure(plt, fig, path: str | Path) -> Path:
+    """Lay out, write and close a matplotlib figure (parents created, missing glyphs tolerated)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _missing_glyphs_ok():

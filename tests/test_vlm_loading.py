@@ -125,6 +125,11 @@ def test_lora_trains_saves_and_loads_back(tmp_path, merge):
     assert hasattr(loaded.language_model, "peft_config") != merge  # merged -> a plain transformers model
     assert hasattr(model.language_model, "peft_config")  # saving did not merge the live model
     assert_same_outputs(model, loaded)
+    labels = ["red circle", "blue square", "red"]
+    torch.testing.assert_close(model.classify(IMAGES, labels), loaded.classify(IMAGES, labels), atol=1e-5, rtol=0)
+    pv = torch.stack([model.image_transform()(im) for im in IMAGES])
+    torch.testing.assert_close(model.label_log_likelihoods(pv, labels, "a {}", method="tree"),
+                               model.label_log_likelihoods(pv, labels, "a {}", method="naive"), atol=1e-4, rtol=0)
 
 
 def test_trust_remote_code_is_off_unless_asked(tmp_path, monkeypatch):

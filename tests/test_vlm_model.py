@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw
 
 from mmlm.config import ConfigError, from_dict, to_dict
 from mmlm.models import LanguageConfig, ProjectorConfig, VisionConfig, VisionLanguageModel, VLMConfig
+from mmlm.models.label_tree import LabelTree, chunk_answers
 from mmlm.models.vlm import IGNORE_INDEX, split_template
 
 CORPUS = ["a red circle", "a blue square", "a green triangle", "a small red square", "a big blue circle"]
@@ -186,11 +187,51 @@ def test_shared_prefix_scores_equal_separate_scoring(template, lm):
     model = tiny_model(seed=4, lm=lm)
     labels = ["red circle", "blue square", "green triangle", "big blue circle", "red"]
     pv = pixels(model)
-    shared = model.label_log_likelihoods(pv, labels, template)
-    naive = model.label_log_likelihoods(pv, labels, template, share_prefix=False)
-    chunked = model.label_log_likelihoods(pv, labels, template, max_rows=4)  # cache copied per label chunk
-    torch.testing.assert_close(shared, naive, atol=1e-4, rtol=0)
-    torch.testing.assert_close(chunked, naive, atol=1e-4, rtol=0)
+    naive = model.label_log_likelihoods(pv, labels, template, method="naive")
+    for method in ("tree", "expand"):
+        shared = model.label_log_likelihoods(pv, labels, template, method=method)
+        chunked = model.label_log_likelihoods(pv, labels, template, method=method, max_tokens=4)  # cache copied
+        torch.testing.assert_close(shared, naive, atol=1e-4, rtol=0)
+        torch.testing.assert_close(chunked, naive, atol=1e-4, rtol=0)
+
+
+def test_tree_scoring_with_eager_attention_and_many_labels():
+    model = tiny_model(seed=6, lm=TINY_LLAMA)
+    model.language_model.set_attn_implementation("eager")  # additive 4D mask path, not SDPA's
+    colours, kinds = ["red", "blue", "green", "big blue"], ["circle", "square", "triangle"]
+    labels = [f"{c} {k}" for c in colours for k in kinds] + colours
+    pv = pixels(model)
+    naive = model.label_log_likelihoods(pv, labels, "a photo of a {}", method="naive")
+    tree = model.label_log_likelihoods(pv, labels, "a photo of a {}", method="tree")
+    torch.testing.assert_close(tree, naive, atol=1e-4, rtol=0)
+
+
+def test_label_tree_feeds_each_shared_prefix_once():
+    answers = [[5, 6, 7, 2], [5, 6, 8, 2], [5, 9, 2], [4, 2], [3]]
+    tree = LabelTree.build(answers)
+    assert tree.tokens == [5, 6, 7, 8, 9, 4]  # 5 and 5,6 are shared; last tokens are never inputs
+    assert tree.parents == [-1, 0, 1, 1, 0, -1] and tree.depths == [0, 1, 2, 2, 1, 0]
+    assert tree.paths == [[0, 1, 2], [0, 1, 3], [0, 4], [5], []]
+    visible = tree.attention_mask(prompt_length=2, dtype=torch.float32, device="cpu")[0, 0] == 0
+    assert visible[3].tolist() == [True, True, True, True, False, True, False, False]  # prompt, 5, 6, itself
+    assert visible[5].tolist() == [True, True, False, False, False, False, False, True]
+    first = torch.log_softmax(torch.randn(2, 10), -1)
+    nodes = torch.log_softmax(torch.randn(2, 6, 10), -1)
+    expected = (first[:, 5] + nodes[:, 0, 6] + nodes[:, 1, 8] + nodes[:, 3, 2]) / 4
+    torch.testing.assert_close(tree.scores(first, nodes)[:, 1], expected)
+    torch.testing.assert_close(tree.scores(first, nodes)[:, 4], first[:, 3])
+
+
+@pytest.mark.parametrize("max_nodes", [1, 2, 3, 100])
+def test_chunk_answers_bounds_tree_size_and_keeps_every_answer(max_nodes):
+    answers = [[5, 6, 7, 2], [5, 6, 8, 2], [5, 9, 2], [4, 2], [3], [9, 9, 9, 9, 2]]
+    groups = chunk_answers(answers, max_nodes)
+    assert sorted(j for g in groups for j in g) == list(range(len(answers)))
+    for group in groups:
+        size = len(LabelTree.build([answers[j] for j in group]))
+        assert size <= max_nodes or len(group) == 1
+    if max_nodes == 100:  # everything fits: one trie of 10 distinct inputs
+        assert len(groups) == 1 and len(LabelTree.build(answers)) == 10
 
 
 def test_classify_probabilities_ensemble_and_learning():

@@ -34,6 +34,7 @@ from mmlm.models.language import (
     IMAGE_TOKEN, LanguageConfig, base_causal_lm, build_language_model, cache_argument_name, is_lora, load_tokenizer,
     output_cache, tokens_to_tensor,
 )
+from mmlm.models.label_tree import LabelTree, chunk_answers
 from mmlm.models.projector import ProjectorConfig, build_projector
 from mmlm.models.vision import ImageTransform, VisionConfig, VisionEncoder
 
@@ -404,43 +405,71 @@ class VisionLanguageModel(nn.Module):
 
     @torch.no_grad()
     def label_log_likelihoods(self, pixel_values: torch.Tensor, labels: Sequence[str], template: str,
-                              share_prefix: bool = True, max_rows: int = 4096) -> torch.Tensor:
+                              method: str = "auto", max_tokens: int = 8192) -> torch.Tensor:
         """[batch, n_labels] mean log-probability of each label's tokens after the image + prompt.
 
-        ``share_prefix=True`` runs the image + prompt once per image and expands its KV cache over
-        the labels; ``False`` scores every (image, label) pair with a full forward pass (reference).
-        ``max_rows`` bounds image x label rows per LM call.
+        ``method``: ``"tree"`` runs the image + prompt once per image and then every distinct label
+        prefix once, as a token trie with tree attention (``LabelTree``); ``"expand"`` repeats the
+        prompt's KV cache for every label (for attention kernels that take no dense mask, e.g.
+        flash attention); ``"naive"`` scores each (image, label) pair with a full forward pass, the
+        reference. ``"auto"`` is ``"tree"`` when the LM's attention takes a 4D mask, else ``"expand"``.
+        ``max_tokens`` bounds image x label tokens per LM call (labels are chunked to fit).
         """
+        if method == "auto":
+            method = "tree" if self.language_model.config._attn_implementation in ("eager", "sdpa") else "expand"
+        if method not in ("tree", "expand", "naive"):
+            raise ValueError(f"method: expected 'auto', 'tree', 'expand' or 'naive', got {method!r}")
         prefix_text, answer_texts = split_template(template, labels)
-        answers = [self._answer_ids(text, i) for i, text in enumerate(answer_texts)]
-        if not share_prefix:
+        if method == "naive":
             return self._label_scores_naive(pixel_values, prefix_text, answer_texts)
+        answers = [self._answer_ids(text, i) for i, text in enumerate(answer_texts)]
         prefix = self.prompt_ids(prefix_text)
-        n_img, n_lab = pixel_values.shape[0], len(labels)
+        n_img = pixel_values.shape[0]
         prefix_ids = torch.tensor([prefix] * n_img, device=self.device)
         prefix_mask = torch.ones_like(prefix_ids)  # one prompt for all images: no padding
         out = self._lm_step(inputs_embeds=self.embed(prefix_ids, pixel_values), attention_mask=prefix_mask,
                             position_ids=positions_from_mask(prefix_mask))
         first_logprobs = out.logits[:, -1].float().log_softmax(-1)  # predicts each answer's first token
-        prefix_cache = output_cache(out)
-        scores = torch.empty(n_img, n_lab, device=self.device)
-        # Labels of equal token length run together (no padding); chunks bound the rows per LM call.
-        by_length: dict[int, list[int]] = {}
+        score_chunks = self._score_tree if method == "tree" else self._score_expanded
+        scores = torch.empty(n_img, len(labels), device=self.device)
+        chunks = chunk_answers(answers, max(1, max_tokens // n_img))
+        for c, group in enumerate(chunks):
+            # The last chunk may extend the prompt's cache in place; earlier ones extend a copy.
+            cache = output_cache(out) if c == len(chunks) - 1 else copy.deepcopy(output_cache(out))
+            scores[:, group] = score_chunks(cache, len(prefix), first_logprobs, [answers[j] for j in group])
+        return scores
+
+    def _score_tree(self, cache, prefix_length: int, first_logprobs: torch.Tensor,
+                    answers: list[list[int]]) -> torch.Tensor:
+        tree = LabelTree.build(answers)
+        if len(tree) == 0:  # single-token answers: the prompt's last position scores them all
+            return tree.scores(first_logprobs, None)
+        n_img = first_logprobs.shape[0]
+        ids = torch.tensor(tree.tokens, device=self.device).expand(n_img, -1)
+        positions = (torch.tensor(tree.depths, device=self.device) + prefix_length).expand(n_img, -1)
+        dtype = next(self.language_model.parameters()).dtype
+        mask = tree.attention_mask(prefix_length, dtype, self.device).expand(n_img, -1, -1, -1)
+        logits = self._lm_step(cache, input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        return tree.scores(first_logprobs, logits.float().log_softmax(-1))
+
+    def _score_expanded(self, cache, prefix_length: int, first_logprobs: torch.Tensor,
+                        answers: list[list[int]]) -> torch.Tensor:
+        n_img = first_logprobs.shape[0]
+        scores = torch.empty(n_img, len(answers), device=self.device)
+        by_length: dict[int, list[int]] = {}  # equal-length answers run together, unpadded
         for j, ids in enumerate(answers):
             by_length.setdefault(len(ids), []).append(j)
-        chunks = [(n, group[lo:lo + max(1, max_rows // n_img)]) for n, group in sorted(by_length.items())
-                  for lo in range(0, len(group), max(1, max_rows // n_img))]
-        for c, (length, group) in enumerate(chunks):
+        for g, (length, group) in enumerate(sorted(by_length.items())):
             k = len(group)
-            cache = prefix_cache if c == len(chunks) - 1 else copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(k)  # image i's prefix repeated for its k labels
+            group_cache = cache if g == len(by_length) - 1 else copy.deepcopy(cache)
+            group_cache.batch_repeat_interleave(k)  # image i's prefix repeated for its k labels
             ids = torch.tensor([answers[j] for j in group], device=self.device).repeat(n_img, 1)
-            mask = torch.ones(n_img * k, len(prefix) + length, dtype=torch.long, device=self.device)
-            positions = (torch.arange(length, device=self.device) + len(prefix)).expand_as(ids)
-            logits = self._lm_step(cache, input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+            mask = torch.ones(n_img * k, prefix_length + length, dtype=torch.long, device=self.device)
+            positions = (torch.arange(length, device=self.device) + prefix_length).expand_as(ids)
+            logits = self._lm_step(group_cache, input_ids=ids, attention_mask=mask,
+                                   position_ids=positions).logits.float()
             logprobs = torch.cat([first_logprobs.repeat_interleave(k, 0)[:, None], logits[:, :-1].log_softmax(-1)], 1)
-            token_lp = logprobs.gather(-1, ids[..., None]).squeeze(-1)
-            scores[:, group] = token_lp.mean(1).view(n_img, k)
+            scores[:, group] = logprobs.gather(-1, ids[..., None]).squeeze(-1).mean(1).view(n_img, k)
         return scores
 
     def _label_scores_naive(self, pixel_values: torch.Tensor, prompt: str, answers: list[str]) -> torch.Tensor:

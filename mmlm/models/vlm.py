@@ -286,7 +286,9 @@ class VisionLanguageModel(nn.Module):
         """KV-cached greedy / sampling loop (no generate(): its per-step bookkeeping costs more than the tiny LM)."""
         batch = embeds.shape[0]
         positions = positions_from_mask(attention_mask)
-        out = self._lm_step(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions)
+        padded = not bool(attention_mask.all())  # unpadded: no mask at all, the LM's causal kernel path is cheaper
+        out = self._lm_step(inputs_embeds=embeds, attention_mask=attention_mask if padded else None,
+                            position_ids=positions)
         next_position = positions[:, -1:] + 1
         warpers = []
         if do_sample:
@@ -309,9 +311,10 @@ class VisionLanguageModel(nn.Module):
             finished |= token == self.eos_token_id
             if finished.all() or step == max_new_tokens - 1:
                 break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-            out = self._lm_step(output_cache(out), input_ids=token[:, None], attention_mask=attention_mask,
-                                position_ids=next_position)
+            if padded:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            out = self._lm_step(output_cache(out), input_ids=token[:, None],
+                                attention_mask=attention_mask if padded else None, position_ids=next_position)
             next_position = next_position + 1
         tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(batch)]
         return [row[: row.index(self.eos_token_id)] if self.eos_token_id in row else row for row in tokens]

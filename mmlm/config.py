@@ -229,6 +229,7 @@ class DataConfig:
     val_source: str | None = None
     test_source: str | None = None
     val_fraction: float = 0.05  # split off train when no val_source is given
+    split_seed: int = 0  # digits: seed of the permutation behind its train/val/test split (80/10/10)
     shapes: ShapesConfig = dataclasses.field(default_factory=ShapesConfig)
     label_field: str = "label"  # which attribute is the class label for classification
     batch_size: int = 32
@@ -262,7 +263,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     max_steps: int | None = None
     epochs: float | None = None
-    max_minutes: float | None = None  # wall-clock budget; the LR schedule is fitted to it
+    max_minutes: float | None = None  # training-time budget (evaluation and checkpoints pause the clock); the LR schedule is fitted to it
     grad_accum_steps: int = 1
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | no | bf16 | fp16

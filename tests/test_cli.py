@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mmlm.cli import build_parser, main
+from mmlm.cli import main
 from mmlm.config import save_yaml
 
 from test_tasks import TINY_SHAPES, TINY_VLM

@@ -23,6 +23,7 @@ from mmlm.data import (
     canonical_caption,
     captions_match,
     digits_records,
+    digits_split_indices,
     generate_shapes,
     parse_caption,
     read_records,
@@ -207,6 +208,9 @@ def test_digits_splits_are_deterministic_disjoint_and_labelled():
     assert test[0].label in test[0].captions[0]
     with pytest.raises(ValueError, match="split"):
         digits_records("dev")
+    other = digits_records("test", seed=1)
+    assert len(other) == len(test) and {r.source for r in other} != sources[2]  # split_seed gives another split
+    assert [r.source for r in test] == [f"sklearn-digits:{i}" for i in digits_split_indices("test", 0)]
 
 
 def test_committed_sample_matches_the_generator():

@@ -102,9 +102,10 @@ def test_kid_matches_the_unbiased_mmd_formula():
 def test_kid_small_sets_and_ordering():
     rng = np.random.default_rng(5)
     a, b, shifted = rng.normal(size=(40, 8)), rng.normal(size=(30, 8)), rng.normal(size=(30, 8)) + 1.0
-    same = kernel_inception_distance(a, b, num_subsets=20)  # default subset_size = min(1000, 40, 30)
+    same = kernel_inception_distance(a, b, num_subsets=20)  # default subset_size = 30 // 2
     different = kernel_inception_distance(a, shifted, num_subsets=20)
     assert abs(same["kid_mean"]) < different["kid_mean"]
+    assert same["kid_std"] > 0 and different["kid_std"] > 0  # subsets differ: the spread is measured
     tiny = kernel_inception_distance(torch.randn(3, 4), torch.randn(2, 4), num_subsets=2)
     assert math.isfinite(tiny["kid_mean"]) and math.isfinite(tiny["kid_std"])
     with pytest.raises(ValueError, match="subset_size"):

@@ -106,7 +106,6 @@ def test_timm_vision_weights_path_refuses_a_malicious_pickle(tmp_path):
 
 
 def test_resume_from_a_tampered_checkpoint_runs_no_code(tmp_path):
-    from mmlm.train.trainer import reset_accelerate_state
     from test_reliability_faults import PairsTask, pairs_config  # a tiny regression task
 
     from mmlm.train import CheckpointError, Trainer

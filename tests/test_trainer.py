@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,33 @@ def test_stops_by_epochs_and_by_wall_clock(tmp_path, capsys):
     last_lr = [r for r in read_metrics(tmp_path / "clock" / "run" / "metrics.jsonl") if "lr" in r][-1]["lr"]
     assert last_lr < 0.2 * config.train.lr  # the schedule decayed over the time budget
     assert "eta=0:0" in capsys.readouterr().err  # the progress bar counts down the budget
+
+
+def test_evaluation_pauses_the_training_clock(tmp_path):
+    class SlowEvalTask(ToyTask):
+        """Records when training steps and (slow) evaluations run."""
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.loss_times, self.eval_times = [], []
+
+        def training_loss(self, model, batch):
+            self.loss_times.append(time.perf_counter())
+            return super().training_loss(model, batch)
+
+        def evaluate(self, model, dataset, out_dir, split):
+            self.eval_times.append(time.perf_counter())
+            time.sleep(0.3)
+            return super().evaluate(model, dataset, out_dir, split)
+
+    config = make_config(tmp_path, max_steps=None, max_minutes=0.01, eval_every=40, warmup_steps=0)
+    task = SlowEvalTask(config)
+    result = Trainer(config, task).fit()
+    slept = 0.3 * sum(t < task.loss_times[-1] for t in task.eval_times)  # evaluations between training steps
+    assert slept >= 0.3
+    span = task.loss_times[-1] - task.loss_times[0]
+    assert result["elapsed_s"] >= 0.6  # the whole budget went to training...
+    assert result["elapsed_s"] <= span - 0.9 * slept + 0.15  # ...and evaluation time was not counted in it
 
 
 def test_gradient_checkpointing_switch(tmp_path):

@@ -289,6 +289,26 @@ def test_image_transform_is_picklable_and_uses_timm_config():
     assert pickle.loads(pickle.dumps(model.image_transform(train=True)))(IMAGES[0]).shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize("augment", ["crop", "affine"])
+def test_train_augmentations_vary_the_image_and_keep_the_background(augment):
+    vision = VisionConfig(name="resnet10t", features_only_stage=1, image_size=32, augment=augment)
+    model = tiny_model(vision=vision)
+    transform = pickle.loads(pickle.dumps(model.image_transform(train=True)))
+    torch.manual_seed(0)
+    views = torch.stack([transform(IMAGES[0]) for _ in range(8)])
+    assert views.shape == (8, 3, 32, 32)
+    assert (views - views[0]).abs().amax(dim=(1, 2, 3)).gt(0.05).sum() >= 6  # random, not one fixed view
+    white = model.image_transform()(Image.new("RGB", (32, 32), "white"))
+    torch.testing.assert_close(views[:, :, 0, 0], white[:, 0, 0].expand(8, 3))  # corners filled with background
+
+
+def test_augment_config_accepts_booleans_and_names_bad_values():
+    assert VisionConfig(augment=True).augment == "crop" and VisionConfig(augment=False).augment == "none"
+    assert from_dict(VisionConfig, {"augment": "affine"}).augment == "affine"
+    with pytest.raises(ConfigError, match="vision.augment.*'flip'"):
+        VisionConfig(augment="flip")
+
+
 def test_freezing_and_trainable_groups():
     cfg = tiny_config()
     cfg.vision.freeze = True

@@ -15,7 +15,7 @@ from .shapes import (
     parse_caption,
     write_dataset,
 )
-from .digits import DIGIT_WORDS, digits_records
+from .digits import DIGIT_WORDS, digits_records, digits_split_indices
 from .datasets import (
     DataWorkerError,
     ImageTextDataset,
@@ -32,7 +32,7 @@ from .inspect import inspect_manifest, write_shapes_cli
 __all__ = [
     "BadImageError", "COLOURS", "DIGIT_WORDS", "DataError", "DataWorkerError", "HELD_OUT_PAIRS", "ImageInfo",
     "ImageTextDataset", "POSITIONS", "Record", "SHAPE_KINDS", "SIZES", "ShapesRecords", "StreamingImageTextDataset",
-    "build_datasets", "canonical_caption", "captions_match", "collate_image_text", "detect_format", "digits_records",
+    "build_datasets", "canonical_caption", "captions_match", "collate_image_text", "detect_format", "digits_records", "digits_split_indices",
     "explain_worker_failure", "generate_shapes", "guard_workers", "image_info", "inspect_manifest", "iter_records",
     "load_image", "parse_caption", "read_records", "scan_records", "split_records", "summarize", "write_dataset",
     "write_shapes_cli",

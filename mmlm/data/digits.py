@@ -25,9 +25,7 @@ def digits_records(split: str, seed: int = 0, *, image_size: int = 32, resample:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    order = np.random.default_rng(seed).permutation(len(digits.target))
-    lo, hi = SPLIT_FRACTIONS[split]
-    chosen = order[int(lo * len(order)): int(hi * len(order))]
+    chosen = digits_split_indices(split, seed, len(digits.target))
     method = Image.NEAREST if resample == "nearest" else Image.BILINEAR
     records = []
     for i in chosen:
@@ -37,3 +35,12 @@ def digits_records(split: str, seed: int = 0, *, image_size: int = 32, resample:
         records.append(Record(image=image, captions=[f"a handwritten {word}", f"the digit {word}"], label=word,
                               attributes={"digit": int(digits.target[i])}, source=f"sklearn-digits:{int(i)}"))
     return records
+
+
+def digits_split_indices(split: str, seed: int = 0, n: int = 1797) -> np.ndarray:
+    """Indices into ``sklearn.datasets.load_digits()`` of one split: a seeded permutation cut 80/10/10."""
+    if split not in SPLIT_FRACTIONS:
+        raise ValueError(f"digits split: expected one of {', '.join(SPLIT_FRACTIONS)}, got {split!r}")
+    order = np.random.default_rng(seed).permutation(n)
+    lo, hi = SPLIT_FRACTIONS[split]
+    return order[int(lo * n): int(hi * n)]

@@ -131,15 +131,17 @@ def kernel_inception_distance(
     """KID: unbiased polynomial-kernel MMD^2 averaged over random subsets (Binkowski et al. 2018).
 
     Follows torch-fidelity: each subset draws ``subset_size`` samples without replacement from each set,
-    ``gamma`` defaults to 1 / dim. ``subset_size`` defaults to min(1000, n_a, n_b) so small sets work
-    (torchmetrics' fixed 1000 fails on them). Returns ``{"kid_mean", "kid_std"}``; the unbiased estimate can
-    be slightly negative for matching distributions.
+    ``gamma`` defaults to 1 / dim. ``subset_size`` defaults to 1000, or to half the smaller set when that
+    has fewer than 2,000 samples: small sets work (torchmetrics' fixed 1000 fails on them) and the subsets
+    still differ, so ``kid_std`` measures a spread (subsets of the whole set would all give one value).
+    Returns ``{"kid_mean", "kid_std"}``; the unbiased estimate can be slightly negative for matching
+    distributions.
     """
     a, b = _as_features(feats_a, "feats_a"), _as_features(feats_b, "feats_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature dims differ: feats_a has {a.shape[1]}, feats_b has {b.shape[1]}")
     largest = min(len(a), len(b))
-    subset_size = min(1000, largest) if subset_size is None else subset_size
+    subset_size = min(1000, max(2, largest // 2)) if subset_size is None else subset_size
     if not 2 <= subset_size <= largest:
         raise ValueError(f"subset_size: expected 2..{largest} (the smaller set's size), got {subset_size}")
     if num_subsets < 1:

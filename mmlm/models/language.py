@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
 from mmlm.config import ConfigError
+from mmlm.models.tokenizer import train_bpe_tokenizer
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<|pad|>"
@@ -56,15 +57,8 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 1024) -> PreTrained
     texts = [t for t in corpus if isinstance(t, str) and t]
     if not texts:
         raise ValueError("train_tokenizer: the corpus is empty; pass the training captions")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    return train_bpe_tokenizer(texts, vocab_size, [EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN], eos_token=EOS_TOKEN,
+                               pad_token=PAD_TOKEN)
 
 
 def add_vlm_special_tokens(tokenizer) -> None:

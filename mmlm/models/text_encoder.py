@@ -25,6 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmlm.config import ConfigError
+from mmlm.models.tokenizer import train_bpe_tokenizer
 
 TEXT_ENCODER_KINDS = ("scratch", "pretrained", "lm")
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
@@ -70,25 +71,9 @@ def train_tokenizer(corpus: Iterable[str] | None, vocab_size: int = 512) -> tran
 
     Every caption is wrapped as ``<bos> ... <eos>``, so even the empty caption has two tokens.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(corpus) if corpus is not None else [], trainer=trainer)
-    bos, eos = SPECIAL_TOKENS[1], SPECIAL_TOKENS[2]
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))]
-    )
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=SPECIAL_TOKENS[0], bos_token=bos, eos_token=eos
-    )
+    pad, bos, eos = SPECIAL_TOKENS
+    return train_bpe_tokenizer(corpus if corpus is not None else [], vocab_size, SPECIAL_TOKENS, wrap=(bos, eos), pad_token=pad,
+                               bos_token=bos, eos_token=eos)
 
 
 def _pretrained_text_model_class(name_or_path: str, trust_remote_code: bool = False) -> type[PreTrainedModel]:

@@ -18,9 +18,14 @@ from typing import Any, Callable
 import timm
 import timm.data
 import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 from torch import nn
 
 from mmlm.config import ConfigError
+
+
+AUGMENTATIONS = ("none", "crop", "affine")
 
 
 @dataclasses.dataclass
@@ -38,13 +43,21 @@ class VisionConfig:
     freeze: bool = False  # freeze the timm backbone (the added position embedding stays trainable)
     image_size: int | None = None  # input resolution; None = kwargs['img_size'] or timm's pretrained_cfg
     crop_pct: float = 1.0  # 1.0 keeps the whole image (captions talk about its edges); timm's ImageNet default is 0.875
-    augment: bool = False  # train transform: mild random-resized crop; never flips or colour jitter (they change captions)
+    # Train-time augmentation: "none"; "crop" (true) a mild random-resized crop; "affine" small rotations
+    # (+-10 deg), shifts (+-10%) and scaling (0.9-1.1), e.g. for handwriting. Never flips or colour
+    # jitter: they change what a caption says ("on the left", "red").
+    augment: bool | str = "none"
 
     def __post_init__(self):
         if self.feature_layer is not None and self.features_only_stage is not None:
             raise ConfigError("vision: set feature_layer (ViT blocks) or features_only_stage (CNN stages), not both")
         if not 0.0 < self.crop_pct <= 1.0:
             raise ConfigError(f"vision.crop_pct: expected a value in (0, 1], got {self.crop_pct}")
+        if isinstance(self.augment, bool):
+            self.augment = "crop" if self.augment else "none"
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"vision.augment: expected one of {', '.join(AUGMENTATIONS)} (or true/false), "
+                              f"got {self.augment!r}")
         if self.weights_path is not None and not Path(self.weights_path).is_file():
             raise ConfigError(f"vision.weights_path: file not found: {self.weights_path}")
 
@@ -62,6 +75,23 @@ class ImageTransform:
 
     def __repr__(self) -> str:
         return f"ImageTransform({self.transform})"
+
+
+class SmallAffine:
+    """Random small rotation, shift and scale of a PIL image; the uncovered border takes the colour of
+    the image's top-left pixel (the background, for centred subjects)."""
+
+    def __init__(self, degrees: float = 10.0, translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1)):
+        self.degrees, self.translate, self.scale = degrees, translate, scale
+
+    def __call__(self, image):
+        angle, shift, scale, shear = T.RandomAffine.get_params(
+            (-self.degrees, self.degrees), (self.translate, self.translate), self.scale, None, list(image.size))
+        return TF.affine(image, angle, list(shift), scale, list(shear), interpolation=T.InterpolationMode.BILINEAR,
+                         fill=list(image.getpixel((0, 0))))
+
+    def __repr__(self) -> str:
+        return f"SmallAffine(degrees={self.degrees}, translate={self.translate}, scale={self.scale})"
 
 
 class VisionEncoder(nn.Module):
@@ -141,7 +171,7 @@ class VisionEncoder(nn.Module):
 
     def image_transform(self, train: bool = False) -> ImageTransform:
         cfg = self.data_config
-        if train and self.config.augment:
+        if train and self.config.augment == "crop":
             transform = timm.data.create_transform(
                 input_size=cfg["input_size"], is_training=True, scale=(0.8, 1.0), ratio=(0.9, 1.1), hflip=0.0,
                 color_jitter=0.0, interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
@@ -151,6 +181,8 @@ class VisionEncoder(nn.Module):
                 input_size=cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
                 mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"], crop_mode=cfg.get("crop_mode", "center"),
             )
+            if train and self.config.augment == "affine":
+                transform = T.Compose([SmallAffine(), transform])
         return ImageTransform(transform)
 
     def enable_gradient_checkpointing(self) -> None:

@@ -16,7 +16,7 @@ from mmlm.eval import (
     train_shapes_judge,
 )
 from mmlm.eval.plots import image_grid
-from mmlm.tasks.common import caption_corpus, collate_images_and_texts, image_text_splits, unwrap
+from mmlm.tasks.common import caption_corpus, collate_images_and_texts, image_text_splits
 from mmlm.train.task import Task
 
 AUTOENCODER_IMAGES = 4000  # training images for the VAE pre-stage

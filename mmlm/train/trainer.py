@@ -25,7 +25,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -732,14 +732,16 @@ class Trainer:
                 postfix["eta"] = f"{int(left // 60)}:{int(left % 60):02d}"
             self._bar.set_postfix(postfix)
             self._window = _Window()
-        pause_start = time.perf_counter()  # evaluation and saving do not count in samples/s
+        pause_start = time.perf_counter()  # evaluation and saving count neither in samples/s nor in max_minutes
         if train.eval_every and self.step % train.eval_every == 0 and "val" in self.datasets:
             self._last_metrics = self._evaluate_and_log("val")
             self._last_eval_step = self.step
         if train.save_every and self.step % train.save_every == 0:
             self.save_checkpoint()
             self._last_save_step = self.step
-        self._window.start += time.perf_counter() - pause_start
+        paused = time.perf_counter() - pause_start
+        self._window.start += paused
+        self._clock_start += paused
         return done
 
     def _final_evaluation(self) -> None:

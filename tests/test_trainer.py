@@ -129,6 +129,14 @@ def test_fit_writes_the_run_folder_and_learns(tmp_path):
     assert [r["step"] for r in records if "val/score" in r] == [8, 16, 24]
     assert result["val/loss"] < 0.8 * untrained, (untrained, result["val/loss"])
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 25))
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in train_records])
+    assert [e.step for e in events.Scalars("val/score")] == [8, 16, 24]
+
     # the final model holds the EMA weights, not the live ones
     saved = load_file(str(run / "model" / "model.safetensors"))
     config2 = make_config(tmp_path / "again", max_steps=24, ema_decay=0.8, weight_decay=0.0)

@@ -7,6 +7,7 @@ tests/test_trainer_distributed.py OUT BATCH``. Evaluation and checkpoints run du
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -37,6 +38,14 @@ class Blobs(Dataset):
         return self.x[i], self.y[i]
 
 
+class SkippingBlobs(Blobs):
+    """Reports one skipped image per process (as a process with bad files would), plus one every process met."""
+
+    @property
+    def skipped(self):
+        return [(f"rank{os.environ.get('RANK', '0')}.png", "truncated"), ("shared.png", "truncated")]
+
+
 class BlobTask(Task):
     """Two-class classification with a tiny MLP; deterministic loss (no RNG), so ranks only differ by data."""
 
@@ -46,7 +55,7 @@ class BlobTask(Task):
         return nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 2))
 
     def build_datasets(self, model):
-        return {"train": Blobs(64, 1), "val": Blobs(16, 2)}
+        return {"train": SkippingBlobs(64, 1), "val": Blobs(16, 2)}
 
     def collate(self, samples):
         return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
@@ -105,6 +114,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     checkpoint = tmp_path / "two" / "checkpoints" / "step_000006"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     assert (tmp_path / "two" / "best" / "model.safetensors").is_file()
+    reported = (tmp_path / "two" / "skipped.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["source"] for line in reported) == ["rank0.png", "rank1.png", "shared.png"]
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
@@ -764,10 +764,14 @@ class Trainer:
     def _report_skipped(self) -> list[dict[str, str]]:
         """Images the splits skipped (``data.on_bad_image: skip``): written to ``skipped.jsonl`` and counted.
 
-        Each process sees the images its own data loading skipped; the main process reports its own.
+        Each process sees the images its own data loading skipped: the lists are gathered, and an image
+        more than one process skipped is reported once.
         """
         skipped = [{"split": split, "source": source, "reason": reason}
                    for split, dataset in self.datasets.items() for source, reason in getattr(dataset, "skipped", [])]
+        if self.accelerator.num_processes > 1:
+            gathered = gather_object(skipped)
+            skipped = [dict(t) for t in dict.fromkeys(tuple(r.items()) for r in gathered)]
         if self.is_main:
             path = self.output_dir / "skipped.jsonl"
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in skipped), encoding="utf-8")

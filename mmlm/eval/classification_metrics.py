@@ -30,6 +30,7 @@ def classification_report(y_true: Sequence[str], y_pred: Sequence[str], labels: 
     "unknown_predictions", "per_class": {label: {"precision", "recall", "f1", "support"}},
     "labels": [...], "confusion_matrix": int array [len(labels), len(labels)]}`` where
     ``confusion_matrix[i, j]`` counts samples of true class ``labels[i]`` predicted as ``labels[j]``.
+    Macro averages cover the labels that occur in ``y_true`` or ``y_pred``.
     """
     labels = list(labels)
     if not labels:
@@ -62,8 +63,12 @@ def classification_report(y_true: Sequence[str], y_pred: Sequence[str], labels: 
         f1 = _safe_divide(2 * precision * recall, precision + recall)
         per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support[label]}
 
+    # Macro averages run over the classes that occur (true or predicted), as sklearn's do by default: a label
+    # space may hold classes a split never contains (shapes' held-out colour-kind pairs), whose 0/0 is no score.
+    occurring = [label for i, label in enumerate(labels) if support[label] or matrix[:, i].any()]
+
     def macro(key: str) -> float:
-        return float(np.mean([row[key] for row in per_class.values()]))
+        return float(np.mean([per_class[label][key] for label in occurring]))
 
     return {
         "accuracy": int(np.trace(matrix)) / len(y_true),

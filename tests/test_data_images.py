@@ -50,8 +50,9 @@ def test_animated_gif_gives_its_first_frame(tmp_path):
     path = tmp_path / "anim.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
     assert load_image(path).getpixel((4, 4)) == (255, 0, 0)
-    gif = Image.open(SKIMAGE_DATA / "no_time_for_that_tiny.gif")
-    assert getattr(gif, "n_frames", 1) > 1 and load_image(SKIMAGE_DATA / "no_time_for_that_tiny.gif").size == gif.size
+    with Image.open(SKIMAGE_DATA / "no_time_for_that_tiny.gif") as gif:
+        frames, size = getattr(gif, "n_frames", 1), gif.size
+    assert frames > 1 and load_image(SKIMAGE_DATA / "no_time_for_that_tiny.gif").size == size
 
 
 def test_exif_orientation_is_applied(tmp_path, photo):

@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mmlm.config import DataConfig, ShapesConfig
+from mmlm.data.images import load_image
 from mmlm.data import (
     BadImageError,
     DataError,
@@ -337,4 +338,4 @@ def test_write_shapes_cli_writes_a_readable_manifest(tmp_path):
     text = write_shapes_cli(tmp_path / "out", n=6, seed=3, image_size=32)
     assert "wrote 6 train images" in text and "32x32" in text and "bad rows: 0" in text
     records = read_records(tmp_path / "out" / "manifest.jsonl")
-    assert len(records) == 6 and Image.open(records[0].image).size == (32, 32)
+    assert len(records) == 6 and load_image(records[0].image).size == (32, 32)

@@ -109,8 +109,9 @@ class Child:
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self):
-        for line in self.proc.stdout:
-            self.lines.put(line.strip())
+        with self.proc.stdout:
+            for line in self.proc.stdout:
+                self.lines.put(line.strip())
 
     def wait_for(self, prefix: str, timeout: float = 60.0) -> str:
         deadline = time.monotonic() + timeout
@@ -129,10 +130,12 @@ class Child:
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
+        self.proc.stderr.close()
 
     def finish(self, timeout: float = 120.0):
         self.wait_for("DONE", timeout)
         assert self.proc.wait(timeout=30) == 0
+        self.proc.stderr.close()
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -50,7 +51,9 @@ def _trace_sqrt_product_scipy(sigma_a: np.ndarray, sigma_b: np.ndarray, eps: flo
     """tr(sqrtm(A B)) with scipy as pytorch-fid computes it; None when the result is unusable."""
     from scipy import linalg
 
-    covmean = linalg.sqrtm(sigma_a @ sigma_b)
+    with warnings.catch_warnings():  # a singular product (few samples) is handled below, not worth a warning
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma_a @ sigma_b)
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma_a.shape[0]) * eps
         covmean = linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))

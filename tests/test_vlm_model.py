@@ -206,6 +206,24 @@ def test_tree_scoring_with_eager_attention_and_many_labels():
     torch.testing.assert_close(tree, naive, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("lm", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])
+def test_prefills_compute_next_token_logits_only(lm, monkeypatch):
+    model = tiny_model(lm=lm)
+    shapes = []
+    forward = model.language_model.forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        shapes.append((kwargs.get("inputs_embeds") is not None, tuple(out.logits.shape)))
+        return out
+
+    monkeypatch.setattr(model.language_model, "forward", spy)
+    model.caption(IMAGES, max_new_tokens=3)
+    model.classify(IMAGES, ["red circle", "blue square"])
+    prefills = [shape for is_prefill, shape in shapes if is_prefill]
+    assert len(prefills) == 2 and all(shape[:2] == (3, 1) for shape in prefills), shapes
+
+
 def test_label_tree_feeds_each_shared_prefix_once():
     answers = [[5, 6, 7, 2], [5, 6, 8, 2], [5, 9, 2], [4, 2], [3]]
     tree = LabelTree.build(answers)

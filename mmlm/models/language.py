@@ -162,12 +162,16 @@ def base_causal_lm(lm: nn.Module) -> nn.Module:
     return lm.get_base_model() if is_lora(lm) else lm
 
 
-def cache_argument_name(lm: nn.Module) -> str:
-    """transformers 5 calls the KV cache argument ``cache``; 4.x called it ``past_key_values``."""
+def forward_parameters(lm: nn.Module) -> set[str]:
+    """The argument names the causal LM's ``forward`` takes."""
     import inspect
 
-    params = inspect.signature(base_causal_lm(lm).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return set(inspect.signature(base_causal_lm(lm).forward).parameters)
+
+
+def cache_argument_name(lm: nn.Module) -> str:
+    """transformers 5 calls the KV cache argument ``cache``; 4.x called it ``past_key_values``."""
+    return "cache" if "cache" in forward_parameters(lm) else "past_key_values"
 
 
 def output_cache(outputs) -> Any:

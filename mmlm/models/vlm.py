@@ -31,8 +31,8 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 from mmlm.config import ConfigError, from_dict, to_dict
 from mmlm.data.images import load_image
 from mmlm.models.language import (
-    IMAGE_TOKEN, LanguageConfig, base_causal_lm, build_language_model, cache_argument_name, is_lora, load_tokenizer,
-    output_cache, tokens_to_tensor,
+    IMAGE_TOKEN, LanguageConfig, base_causal_lm, build_language_model, cache_argument_name, forward_parameters,
+    is_lora, load_tokenizer, output_cache, tokens_to_tensor,
 )
 from mmlm.models.label_tree import LabelTree, chunk_answers
 from mmlm.models.projector import ProjectorConfig, build_projector
@@ -98,6 +98,9 @@ class VisionLanguageModel(nn.Module):
         self.pad_token_id = tokenizer.pad_token_id
         self.start_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._cache_arg = cache_argument_name(language_model)
+        # A prefill needs the next-token logits only: [batch, 1, vocab], not [batch, length, vocab] (for a
+        # 150k-word vocabulary and 600 image tokens, that is 90M floats per image).
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(language_model) else {}
         self._prefix_ids: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ construction, save, load
@@ -288,7 +291,7 @@ class VisionLanguageModel(nn.Module):
         positions = positions_from_mask(attention_mask)
         padded = not bool(attention_mask.all())  # unpadded: no mask at all, the LM's causal kernel path is cheaper
         out = self._lm_step(inputs_embeds=embeds, attention_mask=attention_mask if padded else None,
-                            position_ids=positions)
+                            position_ids=positions, **self._last_logits_only)
         next_position = positions[:, -1:] + 1
         warpers = []
         if do_sample:
@@ -408,7 +411,7 @@ class VisionLanguageModel(nn.Module):
 
     @torch.no_grad()
     def label_log_likelihoods(self, pixel_values: torch.Tensor, labels: Sequence[str], template: str,
-                              method: str = "auto", max_tokens: int = 8192) -> torch.Tensor:
+                              method: str = "auto", max_tokens: int | None = None) -> torch.Tensor:
         """[batch, n_labels] mean log-probability of each label's tokens after the image + prompt.
 
         ``method``: ``"tree"`` runs the image + prompt once per image and then every distinct label
@@ -416,7 +419,8 @@ class VisionLanguageModel(nn.Module):
         prompt's KV cache for every label (for attention kernels that take no dense mask, e.g.
         flash attention); ``"naive"`` scores each (image, label) pair with a full forward pass, the
         reference. ``"auto"`` is ``"tree"`` when the LM's attention takes a 4D mask, else ``"expand"``.
-        ``max_tokens`` bounds image x label tokens per LM call (labels are chunked to fit).
+        ``max_tokens`` bounds image x label tokens per LM call (labels are chunked to fit); by default
+        8192, fewer for large vocabularies so that one call's logits stay under 2**26 floats.
         """
         if method == "auto":
             method = "tree" if self.language_model.config._attn_implementation in ("eager", "sdpa") else "expand"
@@ -431,10 +435,14 @@ class VisionLanguageModel(nn.Module):
         prefix_ids = torch.tensor([prefix] * n_img, device=self.device)
         prefix_mask = torch.ones_like(prefix_ids)  # one prompt for all images: no padding
         out = self._lm_step(inputs_embeds=self.embed(prefix_ids, pixel_values), attention_mask=prefix_mask,
-                            position_ids=positions_from_mask(prefix_mask))
+                            position_ids=positions_from_mask(prefix_mask), **self._last_logits_only)
         first_logprobs = out.logits[:, -1].float().log_softmax(-1)  # predicts each answer's first token
         score_chunks = self._score_tree if method == "tree" else self._score_expanded
         scores = torch.empty(n_img, len(labels), device=self.device)
+        if max_tokens is None:
+            head = self.language_model.get_output_embeddings()
+            vocab = head.weight.shape[0] if head is not None else len(self.tokenizer)
+            max_tokens = min(8192, 2**26 // vocab)
         chunks = chunk_answers(answers, max(1, max_tokens // n_img))
         for c, group in enumerate(chunks):
             # The last chunk may extend the prompt's cache in place; earlier ones extend a copy.

@@ -91,3 +91,14 @@ def test_recipe_search_reads_curves(tmp_path):
     curve = search.val_curve(log, "exact_match")
     assert curve == [(10, 0.5), (20, 0.9)]
     assert search.first_step_at(curve, 0.8) == 20 and search.first_step_at(curve, 0.95) is None
+
+
+def test_digits_benchmark_scores_both_sides_on_the_same_split(tmp_path):
+    bench = _load_benchmark("digits_vs_svc")
+    path = ROOT / "configs" / "digits_classifier.yaml"
+    overrides = [o for o in shrink(path, tmp_path) if not o.startswith("output_dir")]
+    accuracy, seconds = bench.ours_accuracy(str(path), 3, overrides, tmp_path)
+    assert 0.0 <= accuracy <= 1.0 and seconds > 0
+    assert load_config(tmp_path / "split3" / "config.yaml").data.split_seed == 3  # the run used that split
+    classic, tuned = bench.svc_accuracies(3)
+    assert 0.95 <= classic <= 1.0 and 0.95 <= tuned <= 1.0

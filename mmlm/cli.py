@@ -87,7 +87,8 @@ def cmd_classify(args) -> int:
     model = load_vlm(args.model)
     paths = _image_paths(args.images)
     probs = model.classify([str(p) for p in paths], labels, prompt=args.prompt or ["a photo of a {}"],
-                           batch_size=args.batch_size, progress=len(paths) > args.batch_size)
+                           batch_size=args.batch_size, progress=len(paths) > args.batch_size,
+                           eos=not args.open_ended, ensemble=args.ensemble)
     rows = []
     for path, row in zip(paths, probs.tolist()):
         ranked = sorted(zip(labels, row), key=lambda t: -t[1])
@@ -205,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("classify", help="classify images by prompt", formatter_class=fmt, epilog=_examples("""
-        mmlm classify runs/demo/captioner images/ --labels circle,square,triangle,star
+        mmlm classify runs/demo/captioner images/ --labels "red circle,blue star" --prompt "a small {}" \
+            --prompt "a large {}" --open-ended --ensemble marginal
         mmlm classify runs/digits/model digits/ --labels zero,one,two --prompt "a drawing of {}" --json
     """))
     p.add_argument("model", help="saved captioner/classifier folder")
@@ -213,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="comma-separated candidate labels")
     p.add_argument("--prompt", action="append", default=None,
                    help="template with a {} slot (default 'a photo of a {}'); repeat for a prompt ensemble")
+    p.add_argument("--open-ended", action="store_true",
+                   help="the label may be followed by more text (a captioner); default: it is the whole answer")
+    p.add_argument("--ensemble", choices=["mean", "marginal"], default="mean",
+                   help="combine templates by averaging token log-likelihoods, or as alternatives (marginal)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_classify)

@@ -110,7 +110,10 @@ def zero_shot_classification(captioner, cfg, n: int) -> dict:
     labels = shapes_label_space("colour+kind")
     records = generate_shapes(n, split="test", config=cfg.data.shapes)
     images = [r.image for r in records]
-    probs = captioner.classify(images, labels, prompt=ZERO_SHOT_TEMPLATES, batch_size=32)
+    # A caption goes on after "<colour> <kind>" (position, more shapes): no EOS after the label; the size
+    # templates are alternatives, so their probabilities are summed rather than their scores averaged.
+    probs = captioner.classify(images, labels, prompt=ZERO_SHOT_TEMPLATES, batch_size=32, eos=False,
+                               ensemble="marginal")
     truth = [f"{r.attributes['colour']} {r.attributes['kind']}" for r in records]
     predicted = [labels[i] for i in probs.argmax(-1).tolist()]
     report = classification_report(truth, predicted, labels)
@@ -150,7 +153,8 @@ def write_report(out: Path, metrics: dict, captioner, generator, cap_cfg, zero_s
 
     report.section("Zero-shot classification by prompt")
     report.text(f"The captioner scores the {len(labels)} labels '<colour> <kind>' of the main shape in the "
-                f"templates {ZERO_SHOT_TEMPLATES} (log-likelihoods averaged over templates, softmax over labels).")
+                f"templates {ZERO_SHOT_TEMPLATES} (open-ended: no end of text after the label; the size templates "
+                f"are alternatives: probabilities summed over them, then normalised over the labels).")
     report.metrics(metrics["zero_shot_classification"])
 
     report.section("Generator")
@@ -166,5 +170,5 @@ def print_next_steps(out: Path, report: Path) -> None:
     print(f"\nReport: {report} (and {report.with_suffix('.html')})\nTry the trained models:")
     print(f"  mmlm caption {out}/captioner {out}/data_sample")
     print(f"  mmlm classify {out}/captioner {out}/data_sample --labels 'red circle,blue square,green star' "
-          "--prompt 'a small {}' --prompt 'a large {}'")
+          "--prompt 'a small {}' --prompt 'a large {}' --open-ended --ensemble marginal")
     print(f"  mmlm generate {out}/generator \"a large blue star at the top\" --n 8 --grid --out stars.png")

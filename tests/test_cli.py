@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from mmlm.cli import main
+from mmlm.api import load_vlm
+from mmlm.cli import _image_paths, main
 from mmlm.config import save_yaml
 
 from test_tasks import TINY_SHAPES, TINY_VLM
@@ -70,6 +72,14 @@ def test_train_caption_classify_eval_from_the_cli(tiny_run, capsys):
                  "--prompt", "a large red {}", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 5 and all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)
+    model = load_vlm(run)
+    expected = model.classify([str(p) for p in _image_paths([str(images)])], ["circle", "square"],
+                              ["a small red {}", "a large red {}"], eos=False, ensemble="marginal")
+    assert main(["classify", str(run), str(images), "--labels", "circle,square", "--prompt", "a small red {}",
+                 "--prompt", "a large red {}", "--open-ended", "--ensemble", "marginal", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    got = torch.tensor([[r["probabilities"]["circle"], r["probabilities"]["square"]] for r in rows])
+    torch.testing.assert_close(got, expected)
     assert main(["eval", str(run), "--split", "val"]) == 0
     assert (run / "eval_val" / "metrics.json").is_file()
     assert main(["classify", str(run), str(images), "--labels", "circle,circle"]) == 2

@@ -187,12 +187,14 @@ def test_shared_prefix_scores_equal_separate_scoring(template, lm):
     model = tiny_model(seed=4, lm=lm)
     labels = ["red circle", "blue square", "green triangle", "big blue circle", "red"]
     pv = pixels(model)
-    naive = model.label_log_likelihoods(pv, labels, template, method="naive")
-    for method in ("tree", "expand"):
-        shared = model.label_log_likelihoods(pv, labels, template, method=method)
-        chunked = model.label_log_likelihoods(pv, labels, template, method=method, max_tokens=4)  # cache copied
-        torch.testing.assert_close(shared, naive, atol=1e-4, rtol=0)
-        torch.testing.assert_close(chunked, naive, atol=1e-4, rtol=0)
+    for eos, reduce in ((True, "mean"), (False, "sum")):
+        options = dict(eos=eos, reduce=reduce)
+        naive = model.label_log_likelihoods(pv, labels, template, method="naive", **options)
+        for method in ("tree", "expand"):
+            shared = model.label_log_likelihoods(pv, labels, template, method=method, **options)
+            chunked = model.label_log_likelihoods(pv, labels, template, method=method, max_tokens=4, **options)
+            torch.testing.assert_close(shared, naive, atol=1e-4, rtol=0)
+            torch.testing.assert_close(chunked, naive, atol=1e-4, rtol=0)  # prompt cache copied per chunk
 
 
 def test_tree_scoring_with_eager_attention_and_many_labels():
@@ -235,9 +237,9 @@ def test_label_tree_feeds_each_shared_prefix_once():
     assert visible[5].tolist() == [True, True, False, False, False, False, False, True]
     first = torch.log_softmax(torch.randn(2, 10), -1)
     nodes = torch.log_softmax(torch.randn(2, 6, 10), -1)
-    expected = (first[:, 5] + nodes[:, 0, 6] + nodes[:, 1, 8] + nodes[:, 3, 2]) / 4
-    torch.testing.assert_close(tree.scores(first, nodes)[:, 1], expected)
-    torch.testing.assert_close(tree.scores(first, nodes)[:, 4], first[:, 3])
+    expected = first[:, 5] + nodes[:, 0, 6] + nodes[:, 1, 8] + nodes[:, 3, 2]
+    torch.testing.assert_close(tree.total_log_probs(first, nodes)[:, 1], expected)
+    torch.testing.assert_close(tree.total_log_probs(first, nodes)[:, 4], first[:, 3])
 
 
 @pytest.mark.parametrize("max_nodes", [1, 2, 3, 100])
@@ -266,6 +268,16 @@ def test_classify_probabilities_ensemble_and_learning():
     pv = pixels(model)
     expected = sum(model.label_log_likelihoods(pv, labels, t) for t in templates) / 2
     torch.testing.assert_close(model.classify(IMAGES, labels, templates, batch_size=2), expected.softmax(-1))
+    # templates as alternatives: log of the mean whole-answer probability, here without the EOS
+    totals = torch.stack([model.label_log_likelihoods(pv, labels, t, eos=False, reduce="sum") for t in templates])
+    marginal = (totals.exp().mean(0)).log()
+    torch.testing.assert_close(model.classify(IMAGES, labels, templates, eos=False, ensemble="marginal"),
+                               marginal.softmax(-1))
+    with_eos = model.label_log_likelihoods(pv, labels, "a photo of a {}", reduce="sum")
+    without = model.label_log_likelihoods(pv, labels, "a photo of a {}", eos=False, reduce="sum")
+    assert (with_eos < without).all()  # the EOS adds one more (log-probability < 0) factor
+    with pytest.raises(ValueError, match="ensemble"):
+        model.classify(IMAGES, labels, templates, ensemble="max")
 
 
 def test_classify_rejects_bad_input():

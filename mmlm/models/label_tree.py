@@ -63,8 +63,8 @@ class LabelTree:
         mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)
         return mask[None, None].to(device)
 
-    def scores(self, first_logprobs: torch.Tensor, node_logprobs: torch.Tensor | None) -> torch.Tensor:
-        """[batch, n_answers] mean token log-probability of each answer.
+    def total_log_probs(self, first_logprobs: torch.Tensor, node_logprobs: torch.Tensor | None) -> torch.Tensor:
+        """[batch, n_answers] log-probability of each whole answer (the sum over its tokens).
 
         ``first_logprobs``: [batch, vocab] at the prompt's last position; ``node_logprobs``:
         [batch, nodes, vocab] at the tree's nodes (None when the tree is empty: one-token answers).
@@ -78,8 +78,7 @@ class LabelTree:
             answer, node, target = torch.tensor(rest, device=device).unbind(1)
             picked = node_logprobs[:, node, target]  # [batch, pairs]
             total = total.index_add(1, answer, picked)
-        lengths = torch.tensor([len(ids) for ids in self.answers], device=device, dtype=total.dtype)
-        return total / lengths
+        return total
 
 
 def chunk_answers(answers: list[list[int]], max_nodes: int) -> list[list[int]]:

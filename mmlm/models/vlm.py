@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -205,10 +206,10 @@ class VisionLanguageModel(nn.Module):
             self._prefix_ids[key] = [self.start_token_id] + ids
         return self._prefix_ids[key]
 
-    def _answer_ids(self, answer: str, index: int) -> list[int]:
+    def _answer_ids(self, answer: str, index: int, eos: bool = True) -> list[int]:
         if not isinstance(answer, str) or not answer.strip():
             raise ValueError(f"captions[{index}]: expected a non-empty string, got {answer!r}")
-        return self._text_ids(answer) + [self.eos_token_id]
+        return self._text_ids(answer) + [self.eos_token_id] if eos else self._text_ids(answer)
 
     def prepare_batch(self, pixel_values: torch.Tensor, captions: Sequence[str],
                       prompts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -386,33 +387,50 @@ class VisionLanguageModel(nn.Module):
     # ------------------------------------------------------------------ classification by prompt
 
     def classify(self, images: Any, labels: Sequence[str], prompt: str | Sequence[str] = "a photo of a {}",
-                 batch_size: int = 16, progress: bool = False) -> torch.Tensor:
-        """[n_images, n_labels] probabilities: softmax over each label's mean token log-likelihood.
+                 batch_size: int = 16, progress: bool = False, eos: bool = True,
+                 ensemble: str = "mean") -> torch.Tensor:
+        """[n_images, n_labels] probabilities over the labels.
 
-        A template's text before "{}" is the prompt; the label plus the text after "{}" (and EOS)
-        is the scored answer. A list of templates is an ensemble: scores are averaged, then softmaxed.
+        A template's text before "{}" is the prompt; the label plus the text after "{}" is the
+        scored answer, followed by EOS when ``eos`` (the answer is the whole reply, as a trained
+        classifier gives it). ``eos=False`` scores the answer as the start of a longer reply: what
+        a captioner does ("red circle" in "a small red circle on the left, ...").
+
+        Several templates form an ensemble. ``ensemble="mean"`` averages each label's mean token
+        log-likelihood over them (open_clip-style prompt averaging); ``"marginal"`` treats them as
+        alternatives and takes log(mean_t p(answer | template t)) with whole-answer probabilities,
+        e.g. for templates that spell out a nuisance attribute ("a small {}", "a large {}").
         """
         images = _as_image_list(images)
         labels = _check_labels(labels)
         templates = _check_templates(prompt)
-        probs = [self.classify_pixels(self._pixel_values(images[start:start + batch_size]), labels, templates)
+        probs = [self.classify_pixels(self._pixel_values(images[start:start + batch_size]), labels, templates,
+                                      eos=eos, ensemble=ensemble)
                  for start in _batch_starts(len(images), batch_size, progress, "classify")]
         return torch.cat(probs)
 
     def classify_pixels(self, pixel_values: torch.Tensor, labels: Sequence[str],
-                        prompt: str | Sequence[str] = "a photo of a {}") -> torch.Tensor:
+                        prompt: str | Sequence[str] = "a photo of a {}", eos: bool = True,
+                        ensemble: str = "mean") -> torch.Tensor:
         """``classify`` for a batch already preprocessed by ``image_transform``."""
         labels = _check_labels(labels)
         templates = _check_templates(prompt)
+        if ensemble not in ("mean", "marginal"):
+            raise ValueError(f"ensemble: expected 'mean' or 'marginal', got {ensemble!r}")
+        reduce = "mean" if ensemble == "mean" else "sum"
         with _eval_mode(self):
             pixel_values = pixel_values.to(self.device)
-            scores = sum(self.label_log_likelihoods(pixel_values, labels, t).cpu() for t in templates)
-        return (scores / len(templates)).softmax(dim=-1)
+            scores = torch.stack([self.label_log_likelihoods(pixel_values, labels, t, eos=eos, reduce=reduce).cpu()
+                                  for t in templates])
+        combined = scores.mean(0) if ensemble == "mean" else scores.logsumexp(0) - math.log(len(templates))
+        return combined.softmax(dim=-1)
 
     @torch.no_grad()
     def label_log_likelihoods(self, pixel_values: torch.Tensor, labels: Sequence[str], template: str,
-                              method: str = "auto", max_tokens: int | None = None) -> torch.Tensor:
-        """[batch, n_labels] mean log-probability of each label's tokens after the image + prompt.
+                              method: str = "auto", max_tokens: int | None = None, eos: bool = True,
+                              reduce: str = "mean") -> torch.Tensor:
+        """[batch, n_labels] log-probability of each label's tokens (and EOS when ``eos``) after the
+        image + prompt: per token (``reduce="mean"``) or of the whole answer (``"sum"``).
 
         ``method``: ``"tree"`` runs the image + prompt once per image and then every distinct label
         prefix once, as a token trie with tree attention (``LabelTree``); ``"expand"`` repeats the
@@ -426,10 +444,12 @@ class VisionLanguageModel(nn.Module):
             method = "tree" if self.language_model.config._attn_implementation in ("eager", "sdpa") else "expand"
         if method not in ("tree", "expand", "naive"):
             raise ValueError(f"method: expected 'auto', 'tree', 'expand' or 'naive', got {method!r}")
+        if reduce not in ("mean", "sum"):
+            raise ValueError(f"reduce: expected 'mean' or 'sum', got {reduce!r}")
         prefix_text, answer_texts = split_template(template, labels)
         if method == "naive":
-            return self._label_scores_naive(pixel_values, prefix_text, answer_texts)
-        answers = [self._answer_ids(text, i) for i, text in enumerate(answer_texts)]
+            return self._label_scores_naive(pixel_values, prefix_text, answer_texts, eos, reduce)
+        answers = [self._answer_ids(text, i, eos) for i, text in enumerate(answer_texts)]
         prefix = self.prompt_ids(prefix_text)
         n_img = pixel_values.shape[0]
         prefix_ids = torch.tensor([prefix] * n_img, device=self.device)
@@ -448,20 +468,22 @@ class VisionLanguageModel(nn.Module):
             # The last chunk may extend the prompt's cache in place; earlier ones extend a copy.
             cache = output_cache(out) if c == len(chunks) - 1 else copy.deepcopy(output_cache(out))
             scores[:, group] = score_chunks(cache, len(prefix), first_logprobs, [answers[j] for j in group])
+        if reduce == "mean":
+            scores /= torch.tensor([len(ids) for ids in answers], device=scores.device, dtype=scores.dtype)
         return scores
 
     def _score_tree(self, cache, prefix_length: int, first_logprobs: torch.Tensor,
                     answers: list[list[int]]) -> torch.Tensor:
         tree = LabelTree.build(answers)
         if len(tree) == 0:  # single-token answers: the prompt's last position scores them all
-            return tree.scores(first_logprobs, None)
+            return tree.total_log_probs(first_logprobs, None)
         n_img = first_logprobs.shape[0]
         ids = torch.tensor(tree.tokens, device=self.device).expand(n_img, -1)
         positions = (torch.tensor(tree.depths, device=self.device) + prefix_length).expand(n_img, -1)
         dtype = next(self.language_model.parameters()).dtype
         mask = tree.attention_mask(prefix_length, dtype, self.device).expand(n_img, -1, -1, -1)
         logits = self._lm_step(cache, input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        return tree.scores(first_logprobs, logits.float().log_softmax(-1))
+        return tree.total_log_probs(first_logprobs, logits.float().log_softmax(-1))
 
     def _score_expanded(self, cache, prefix_length: int, first_logprobs: torch.Tensor,
                         answers: list[list[int]]) -> torch.Tensor:
@@ -480,10 +502,11 @@ class VisionLanguageModel(nn.Module):
             logits = self._lm_step(group_cache, input_ids=ids, attention_mask=mask,
                                    position_ids=positions).logits.float()
             logprobs = torch.cat([first_logprobs.repeat_interleave(k, 0)[:, None], logits[:, :-1].log_softmax(-1)], 1)
-            scores[:, group] = logprobs.gather(-1, ids[..., None]).squeeze(-1).mean(1).view(n_img, k)
+            scores[:, group] = logprobs.gather(-1, ids[..., None]).squeeze(-1).sum(1).view(n_img, k)
         return scores
 
-    def _label_scores_naive(self, pixel_values: torch.Tensor, prompt: str, answers: list[str]) -> torch.Tensor:
+    def _label_scores_naive(self, pixel_values: torch.Tensor, prompt: str, answers: list[str], eos: bool,
+                            reduce: str) -> torch.Tensor:
         n_img = pixel_values.shape[0]
         scores = torch.empty(n_img, len(answers), device=self.device)
         for j, answer in enumerate(answers):
@@ -491,8 +514,11 @@ class VisionLanguageModel(nn.Module):
             logits = self(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).logits.float()
             targets = batch["labels"][:, 1:]
             mask = targets != IGNORE_INDEX
+            if not eos:
+                mask &= targets != self.eos_token_id
             lp = logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-            scores[:, j] = (lp * mask).sum(1) / mask.sum(1)
+            total = (lp * mask).sum(1)
+            scores[:, j] = total / mask.sum(1) if reduce == "mean" else total
         return scores
 
 

@@ -437,8 +437,9 @@ class VisionLanguageModel(nn.Module):
         prompt's KV cache for every label (for attention kernels that take no dense mask, e.g.
         flash attention); ``"naive"`` scores each (image, label) pair with a full forward pass, the
         reference. ``"auto"`` is ``"tree"`` when the LM's attention takes a 4D mask, else ``"expand"``.
-        ``max_tokens`` bounds image x label tokens per LM call (labels are chunked to fit); by default
-        8192, fewer for large vocabularies so that one call's logits stay under 2**26 floats.
+        ``max_tokens`` bounds image x label tokens per LM call (labels are chunked to fit, at most 1024
+        label tokens per call); by default 8192, fewer for large vocabularies so that one call's logits
+        stay under 2**26 floats.
         """
         if method == "auto":
             method = "tree" if self.language_model.config._attn_implementation in ("eager", "sdpa") else "expand"
@@ -463,7 +464,8 @@ class VisionLanguageModel(nn.Module):
             head = self.language_model.get_output_embeddings()
             vocab = head.weight.shape[0] if head is not None else len(self.tokenizer)
             max_tokens = min(8192, 2**26 // vocab)
-        chunks = chunk_answers(answers, max(1, max_tokens // n_img))
+        # <= 1024 trie nodes per call also bounds the [nodes, prompt + nodes] tree mask and its attention
+        chunks = chunk_answers(answers, max(1, min(1024, max_tokens // n_img)))
         for c, group in enumerate(chunks):
             # The last chunk may extend the prompt's cache in place; earlier ones extend a copy.
             cache = output_cache(out) if c == len(chunks) - 1 else copy.deepcopy(output_cache(out))

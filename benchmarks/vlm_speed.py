@@ -144,7 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    steps, repeats, new_tokens = (2, 1, 4) if args.quick else (10, 3, 32)
+    steps, repeats, new_tokens = (2, 1, 4) if args.quick else (10, 7, 32)
 
     ours = build_ours(LABELS, "mlp").eval()
     shuffled = build_ours(LABELS, "pixel_shuffle").eval()

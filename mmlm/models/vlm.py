@@ -284,7 +284,6 @@ class VisionLanguageModel(nn.Module):
     def _lm_step(self, cache=None, **inputs):
         return self.language_model(use_cache=True, **{self._cache_arg: cache}, **inputs)
 
-    @torch.no_grad()
     def _decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, do_sample: bool,
                 temperature: float, top_p: float) -> list[list[int]]:
         """KV-cached greedy / sampling loop (no generate(): its per-step bookkeeping costs more than the tiny LM)."""
@@ -323,7 +322,6 @@ class VisionLanguageModel(nn.Module):
         tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(batch)]
         return [row[: row.index(self.eos_token_id)] if self.eos_token_id in row else row for row in tokens]
 
-    @torch.no_grad()
     def _decode_with_generate(self, embeds, attention_mask, max_new_tokens: int, **kwargs) -> list[list[int]]:
         """transformers' generate() on inputs_embeds: beam search and other strategies."""
         out = self.language_model.generate(
@@ -333,6 +331,7 @@ class VisionLanguageModel(nn.Module):
         rows = out.tolist()
         return [row[: row.index(self.eos_token_id)] if self.eos_token_id in row else row for row in rows]
 
+    @torch.inference_mode()  # returns token ids as lists: no inference tensor leaks out
     def _generate(self, prefix_rows: list[list[int]], pixel_values: torch.Tensor | None, max_new_tokens: int,
                   num_beams: int, do_sample: bool, temperature: float, top_p: float) -> list[str]:
         if max_new_tokens < 1:
@@ -425,7 +424,7 @@ class VisionLanguageModel(nn.Module):
         combined = scores.mean(0) if ensemble == "mean" else scores.logsumexp(0) - math.log(len(templates))
         return combined.softmax(dim=-1)
 
-    @torch.no_grad()
+    @torch.no_grad()  # not inference_mode: callers may modify the scores in place
     def label_log_likelihoods(self, pixel_values: torch.Tensor, labels: Sequence[str], template: str,
                               method: str = "auto", max_tokens: int | None = None, eos: bool = True,
                               reduce: str = "mean") -> torch.Tensor:

@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("classify", help="classify images by prompt", formatter_class=fmt, epilog=_examples("""
-        mmlm classify runs/demo/captioner images/ --labels "red circle,blue star" --prompt "a small {}" \
-            --prompt "a large {}" --open-ended --ensemble marginal
+        mmlm classify runs/demo/captioner images/ --labels circle,square,triangle,star
+        mmlm classify runs/demo/captioner images/ --labels "red star,blue star" --prompt "a small {}" --open-ended
         mmlm classify runs/digits/model digits/ --labels zero,one,two --prompt "a drawing of {}" --json
     """))
     p.add_argument("model", help="saved captioner/classifier folder")

@@ -415,3 +415,14 @@ def test_split_template_tokenises_like_the_whole_sentence():
         parts = (model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
                  + model.tokenizer(answers[0], add_special_tokens=False)["input_ids"])
         assert parts == joint, template
+
+
+@pytest.mark.parametrize("lm", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])
+def test_training_continues_after_generation_in_inference_mode(lm):
+    """Generation runs under torch.inference_mode: nothing it creates may be cached into training."""
+    model = tiny_model(lm=lm, vision=VisionConfig(name="vit_tiny_patch16_224", kwargs=TINY_VIT, image_size=32))
+    model.caption(IMAGES, max_new_tokens=3)
+    scores = model.classify(IMAGES, ["red circle", "blue"])
+    scores *= 2  # the scores are ordinary tensors (no_grad, not inference mode): in-place use is fine
+    losses = train_steps(model, model.prepare_batch(pixels(model), CAPTIONS), 3)
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]

@@ -263,7 +263,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     max_steps: int | None = None
     epochs: float | None = None
-    max_minutes: float | None = None  # training-time budget (evaluation and checkpoints pause the clock); the LR schedule is fitted to it
+    # Training-time budget: evaluation and checkpoints pause the clock; the LR schedule is fitted to it.
+    max_minutes: float | None = None
     grad_accum_steps: int = 1
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | no | bf16 | fp16

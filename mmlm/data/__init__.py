@@ -32,8 +32,8 @@ from .inspect import inspect_manifest, write_shapes_cli
 __all__ = [
     "BadImageError", "COLOURS", "DIGIT_WORDS", "DataError", "DataWorkerError", "HELD_OUT_PAIRS", "ImageInfo",
     "ImageTextDataset", "POSITIONS", "Record", "SHAPE_KINDS", "SIZES", "ShapesRecords", "StreamingImageTextDataset",
-    "build_datasets", "canonical_caption", "captions_match", "collate_image_text", "detect_format", "digits_records", "digits_split_indices",
-    "explain_worker_failure", "generate_shapes", "guard_workers", "image_info", "inspect_manifest", "iter_records",
-    "load_image", "parse_caption", "read_records", "scan_records", "split_records", "summarize", "write_dataset",
-    "write_shapes_cli",
+    "build_datasets", "canonical_caption", "captions_match", "collate_image_text", "detect_format", "digits_records",
+    "digits_split_indices", "explain_worker_failure", "generate_shapes", "guard_workers", "image_info",
+    "inspect_manifest", "iter_records", "load_image", "parse_caption", "read_records", "scan_records", "split_records",
+    "summarize", "write_dataset", "write_shapes_cli",
 ]

@@ -396,7 +396,8 @@ def build_datasets(data: DataConfig, transform_train: Callable | None, transform
         return {split: wrap(ShapesRecords(n, split=split, config=cfg), split, data.label_field)
                 for split, n in sizes.items()}
     if data.source == "digits":
-        return {split: wrap(digits_records(split, data.split_seed), split, data.label_field) for split in ("train", "val", "test")}
+        return {split: wrap(digits_records(split, data.split_seed), split, data.label_field)
+                for split in ("train", "val", "test")}
 
     # Below, read_records applies data.label_field itself (a manifest column, or a key of its "attributes").
     read = dict(format=data.format, allow_absolute_paths=data.allow_absolute_paths, label_field=data.label_field,

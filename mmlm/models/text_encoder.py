@@ -72,8 +72,9 @@ def train_tokenizer(corpus: Iterable[str] | None, vocab_size: int = 512) -> tran
     Every caption is wrapped as ``<bos> ... <eos>``, so even the empty caption has two tokens.
     """
     pad, bos, eos = SPECIAL_TOKENS
-    return train_bpe_tokenizer(corpus if corpus is not None else [], vocab_size, SPECIAL_TOKENS, wrap=(bos, eos), pad_token=pad,
-                               bos_token=bos, eos_token=eos)
+    texts = corpus if corpus is not None else []
+    return train_bpe_tokenizer(texts, vocab_size, SPECIAL_TOKENS, wrap=(bos, eos), pad_token=pad, bos_token=bos,
+                               eos_token=eos)
 
 
 def _pretrained_text_model_class(name_or_path: str, trust_remote_code: bool = False) -> type[PreTrainedModel]:

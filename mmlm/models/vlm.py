@@ -209,7 +209,8 @@ class VisionLanguageModel(nn.Module):
     def _answer_ids(self, answer: str, index: int, eos: bool = True) -> list[int]:
         if not isinstance(answer, str) or not answer.strip():
             raise ValueError(f"captions[{index}]: expected a non-empty string, got {answer!r}")
-        return self._text_ids(answer) + [self.eos_token_id] if eos else self._text_ids(answer)
+        ids = self._text_ids(answer)
+        return ids + [self.eos_token_id] if eos else ids
 
     def prepare_batch(self, pixel_values: torch.Tensor, captions: Sequence[str],
                       prompts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:

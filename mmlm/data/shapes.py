@@ -55,6 +55,9 @@ _ZH = {
     "position": {"left": "左边", "right": "右边", "top": "上面", "bottom": "下面", "center": "中间"},
 }
 _OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+# Public views for the question generator (mmlm.data.vqa): grid cells and the Chinese attribute words.
+CELLS = _CELL
+ZH_WORDS = _ZH
 
 
 # ----------------------------------------------------------------------------- generation

@@ -252,7 +252,7 @@ class DataConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The optimisation loop (mmlm.train.trainer)."""
+    """The optimisation loop (mmlm.train.trainer); cross-field checks in :func:`validate_train_config`."""
 
     lr: float = 3e-4
     module_lr: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. {"vision": 2e-3}; 0 freezes
@@ -284,6 +284,32 @@ class TrainConfig:
             raise ConfigError(f"train.grad_accum_steps: expected >= 1, got {self.grad_accum_steps}")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"train.schedule: expected 'cosine' or 'constant', got {self.schedule!r}")
+
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+def validate_train_config(train: TrainConfig) -> None:
+    """Checks that need more than one field, or that the dataclass itself does not make (run by the Trainer)."""
+    if train.max_steps is None and train.epochs is None and train.max_minutes is None:
+        raise ConfigError("train: set at least one of max_steps, epochs or max_minutes")
+    positive = {"max_steps": train.max_steps, "epochs": train.epochs, "max_minutes": train.max_minutes,
+                "eval_every": train.eval_every, "save_every": train.save_every, "log_every": train.log_every,
+                "keep_last": train.keep_last, "num_threads": train.num_threads}
+    for key, value in positive.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"train.{key}: expected > 0, got {value}")
+    if train.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps: expected >= 0, got {train.warmup_steps}")
+    if train.max_grad_norm is not None and train.max_grad_norm <= 0:
+        raise ConfigError(f"train.max_grad_norm: expected > 0 or null, got {train.max_grad_norm}")
+    if train.ema_decay is not None and not 0.0 < train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: expected a value in (0, 1) or null, got {train.ema_decay}")
+    if train.lr <= 0:
+        raise ConfigError(f"train.lr: expected > 0, got {train.lr}")
+    if train.mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(f"train.mixed_precision: expected 'auto', 'no', 'bf16' or 'fp16', "
+                          f"got {train.mixed_precision!r}")
 
 
 @dataclasses.dataclass

@@ -1,7 +1,16 @@
-"""The one training harness: a Task says what differs, the Trainer does the rest."""
+"""The one training harness: a Task says what differs, the Trainer does the rest.
 
-from mmlm.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+trainer.py the loop; checkpoint.py save / restore / resume; evaluation.py main-process evaluation and the
+best model; logging.py the metrics log; report.py the end of a run; distributed.py processes, devices and
+collectives; optim.py AdamW groups and the LR schedule; ema.py the weight average; task.py the Task interface;
+errors.py the errors. Imports only models-free layers (config, data, eval): never tasks or api.
+"""
+
+from mmlm.train.checkpoint import latest_checkpoint, list_checkpoints
+from mmlm.train.distributed import resolve_mixed_precision
 from mmlm.train.ema import EMA
+from mmlm.train.errors import CheckpointError, CheckpointWriteError, NonFiniteLossError, TrainingError
+from mmlm.train.logging import MetricsLog
 from mmlm.train.optim import (
     WarmupDecaySchedule,
     build_optimizer,
@@ -9,14 +18,7 @@ from mmlm.train.optim import (
     parameter_groups,
 )
 from mmlm.train.task import Task
-from mmlm.train.trainer import (
-    CheckpointWriteError,
-    MetricsLog,
-    NonFiniteLossError,
-    Trainer,
-    TrainingError,
-    resolve_mixed_precision,
-)
+from mmlm.train.trainer import Trainer
 
 __all__ = [
     "EMA",

@@ -15,8 +15,8 @@ that answer: yes and no are equally likely for ``exists``, and counts are not bi
 
 Question ``j`` of image ``i`` is drawn from a Generator seeded by ``(seed, split, i, j)`` over the shapes record
 ``i`` of the same split (the same image the captioning data shows). Outside the ``compositional`` split no
-question or answer names a pair of ``HELD_OUT_PAIRS``; in it, every family that can ask about a held-out shape
-does.
+question or answer names a pair of ``HELD_OUT_PAIRS``; in it, every question is about
+a held-out pair (its subject, its answer, or a shape it counts).
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ def scene_questions(shapes: list[dict], family: str, *, compositional: bool = Fa
     """Every unambiguous question of ``family`` about ``shapes``.
 
     Outside the compositional split nothing names a held-out pair (scenes there hold none, and ``exists`` skips
-    them); in it, the questions about a held-out pair are kept alone when the family has any.
+    them); in it, only questions about a held-out pair are asked (every scene there holds one, so ``kind_at``
+    always can be).
     """
     if family not in FAMILIES:
         raise ValueError(f"VQA family: expected one of {', '.join(FAMILIES)}, got {family!r}")
@@ -185,12 +186,8 @@ def scene_questions(shapes: list[dict], family: str, *, compositional: bool = Fa
         out = _exists_questions(shapes, allow_held_out=compositional)
     else:
         out = _relation_questions(shapes)
-    if compositional:
-        held = [q for q in out if q.pairs & set(HELD_OUT_PAIRS)]
-        out = held or out
-    else:
-        out = [q for q in out if not q.pairs & set(HELD_OUT_PAIRS)]
-    return out
+    involves_held_out = [bool(q.pairs & set(HELD_OUT_PAIRS)) for q in out]
+    return [q for q, held in zip(out, involves_held_out) if held == compositional]
 
 
 def draw_questions(shapes: list[dict], rng: np.random.Generator, k: int = 1, *,

@@ -1,12 +1,15 @@
 """The ``mmlm`` command line: train | eval | caption | classify | generate | data | demo.
 
-User errors print one line and exit with status 2; ``--debug`` shows the traceback.
+Every failure ends with one line on stderr: a user error (bad flag, missing file, bad config key, bad data)
+exits with status 2; an internal error (a bug) exits with status 1 and says where to report it.
+``mmlm --debug ...`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import textwrap
 from pathlib import Path
@@ -14,8 +17,33 @@ from pathlib import Path
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+REPORT_TO = "the mmlm issue tracker"  # where internal errors are reported (the project's Issues URL when known)
+
+
 class UsageError(ValueError):
     """A command-line argument is wrong."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported on one line (``mmlm train: error: ...; see mmlm train --help``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _is_user_error(err: BaseException) -> bool:
+    """Bad input from the user: flags, files, configs, data, or a training run that failed on them
+    (non-finite loss, a checkpoint that could not be written); everything else is a bug."""
+    if isinstance(err, (ValueError, OSError)):
+        return True
+    trainer = sys.modules.get("mmlm.train.trainer")  # loaded whenever one of its errors can have been raised
+    training_error = getattr(trainer, "TrainingError", None)
+    return isinstance(training_error, type) and isinstance(err, training_error)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
 
 
 def _examples(text: str) -> str:
@@ -64,8 +92,8 @@ def cmd_eval(args) -> int:
 def cmd_caption(args) -> int:
     from mmlm.api import load_vlm
 
-    model = load_vlm(args.model)
     paths = _image_paths(args.images)
+    model = load_vlm(args.model)
     captions = model.caption(
         [str(p) for p in paths], prompt=args.prompt, max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams, batch_size=args.batch_size, progress=len(paths) > args.batch_size,
@@ -84,8 +112,8 @@ def cmd_classify(args) -> int:
     from mmlm.api import load_vlm
 
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else []
-    model = load_vlm(args.model)
     paths = _image_paths(args.images)
+    model = load_vlm(args.model)
     probs = model.classify([str(p) for p in paths], labels, prompt=args.prompt or ["a photo of a {}"],
                            batch_size=args.batch_size, progress=len(paths) > args.batch_size,
                            eos=not args.open_ended, ensemble=args.ensemble)
@@ -119,7 +147,8 @@ def cmd_generate(args) -> int:
         if args.n == 1:
             images[0].save(out)
         else:
-            image_grid(images, ncols=min(args.n, 8), path=out, scale=max(1, 96 // images[0].width))
+            # Cells at least 96 px wide (nearest-neighbour upscaling keeps tiny samples crisp).
+            image_grid(images, ncols=min(args.n, 8), path=out, cell_size=max(96, images[0].width))
         print(out)
     else:
         for i, image in enumerate(images):
@@ -156,7 +185,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mmlm", formatter_class=fmt,
         description="Multimodal vision-language framework: captioning, classification by prompt, text-to-image.",
         epilog=_examples("""
@@ -243,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         mmlm data shapes --out data/shapes --n 2000 --seed 0
         mmlm data inspect data/shapes/manifest.jsonl
     """))
-    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     q = data_sub.add_parser("shapes", help="write the procedural shapes dataset (PNGs + manifest.jsonl)")
     q.add_argument("--out", required=True)
     q.add_argument("--n", type=int, default=1000)
@@ -278,11 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # user-facing errors: one line, unless --debug
-        if args.debug or not isinstance(err, (ValueError, OSError)):
+    except Exception as err:  # one line, unless --debug
+        if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        if _is_user_error(err):
+            print(f"error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        print(f"internal error: {type(err).__name__}: {_one_line(err)} -- this is a bug in mmlm; please report it "
+              f"to {REPORT_TO} with the traceback that `mmlm --debug {shlex.join(sys.argv[1:] if argv is None else argv)}` "
+              "prints", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ this module only chooses which features become tokens:
   ``forward_intermediates`` (NLC), with the class/prefix tokens kept or dropped;
 * CNNs: the final feature map, or an earlier stage (``features_only``), flattened to H*W tokens;
 * optionally a learned 2D position embedding added to the tokens (CNN maps have none).
+
+Heads that ``forward_features`` never uses (classifier, SigLIP's attention pool) are removed, and
+a final norm that timm keeps in the head (``fc_norm`` of avg-pool ViTs, ConvNeXt's ``head.norm``)
+is applied to the tokens, so every trainable parameter gets a gradient and tokens come out
+normalised. Any other parameter that a build-time probe finds without a gradient is frozen.
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ import torchvision.transforms.functional as TF
 from torch import nn
 
 from mmlm.config import ConfigError
+from mmlm.models.freezing import freeze, is_frozen
+from mmlm.safety import load_state_dict
 
 
 AUGMENTATIONS = ("none", "crop", "affine")
+# How an image of any aspect ratio becomes the encoder's input size (timm's eval crop modes).
+RESIZE_MODES = {"squash": "squash", "pad": "border", "crop": "center"}
 
 
 @dataclasses.dataclass
@@ -42,7 +51,12 @@ class VisionConfig:
     pos_embed_2d: bool = False  # learned position embedding added to the image tokens
     freeze: bool = False  # freeze the timm backbone (the added position embedding stays trainable)
     image_size: int | None = None  # input resolution; None = kwargs['img_size'] or timm's pretrained_cfg
-    crop_pct: float = 1.0  # 1.0 keeps the whole image (captions talk about its edges); timm's ImageNet default is 0.875
+    # Any aspect ratio -> the input size: "pad" (default, as LLaVA-1.5) scales the long side and pads the
+    # rest with the mean colour: the whole image, undistorted; "squash" stretches it to the size: the whole
+    # image, distorted; "crop" scales the short side and centre-crops: the edges of a non-square image are
+    # lost ("on the left" may no longer be true). Square images give the same tensor in all three.
+    resize: str = "pad"
+    crop_pct: float = 1.0  # scale 1/crop_pct, then crop back to size; 1.0 keeps the whole image (timm's ImageNet: 0.875)
     # Train-time augmentation: "none"; "crop" (true) a mild random-resized crop; "affine" small rotations
     # (+-10 deg), shifts (+-10%) and scaling (0.9-1.1), e.g. for handwriting. Never flips or colour
     # jitter: they change what a caption says ("on the left", "red").
@@ -51,6 +65,8 @@ class VisionConfig:
     def __post_init__(self):
         if self.feature_layer is not None and self.features_only_stage is not None:
             raise ConfigError("vision: set feature_layer (ViT blocks) or features_only_stage (CNN stages), not both")
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"vision.resize: expected one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise ConfigError(f"vision.crop_pct: expected a value in (0, 1], got {self.crop_pct}")
         if isinstance(self.augment, bool):
@@ -108,11 +124,21 @@ class VisionEncoder(nn.Module):
                 raise ConfigError(f"vision.feature_layer: timm model '{config.name}' has no forward_intermediates")
             # Blocks after the chosen one are never used: drop them (saves compute, as LLaVA's layer -2 does not).
             self._take_index = self.backbone.prune_intermediate_layers([config.feature_layer], prune_norm=True)[0]
-        self.data_config = self._resolve_data_config()
-        self.num_tokens, self.dim = self._probe_output_shape()
-        self.pos_embed = nn.Parameter(torch.randn(1, self.num_tokens, self.dim) * 0.02) if config.pos_embed_2d else None
+        # A features_only network holds no head; forward_intermediates pruned it above.
+        self.final_norm_name = _strip_head(self.backbone) \
+            if not self._uses_intermediates and config.features_only_stage is None else None
         if config.freeze:
-            self.backbone.requires_grad_(False)
+            freeze(self.backbone)
+        self.data_config = self._resolve_data_config()
+        self.num_tokens, self.dim, self.unused_parameters = self._probe()
+        for name in self.unused_parameters:  # DDP needs every trainable parameter to get a gradient
+            self.backbone.get_parameter(name).requires_grad_(False)
+        self.pos_embed = nn.Parameter(torch.randn(1, self.num_tokens, self.dim) * 0.02) if config.pos_embed_2d else None
+
+    @property
+    def frozen(self) -> bool:
+        """True when the timm backbone is frozen (``vision.freeze``, or :func:`freeze` on this module)."""
+        return is_frozen(self.backbone) or is_frozen(self)
 
     def _resolve_data_config(self) -> dict[str, Any]:
         data_config = timm.data.resolve_data_config({}, model=self.backbone)
@@ -123,13 +149,20 @@ class VisionEncoder(nn.Module):
         data_config["crop_pct"] = self.config.crop_pct
         return data_config
 
-    @torch.no_grad()
-    def _probe_output_shape(self) -> tuple[int, int]:
+    def _probe(self) -> tuple[int, int, list[str]]:
+        """One forward (and backward) of a blank image: token count, width, and the backbone's
+        trainable parameters the token path leaves without a gradient."""
         was_training = self.training
         self.eval()  # keep BatchNorm statistics untouched by the probe
-        tokens = self._tokens(torch.zeros(1, *self.data_config["input_size"]))
+        trainable = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
+        with torch.set_grad_enabled(bool(trainable)):
+            tokens = self._tokens(torch.zeros(1, *self.data_config["input_size"]))
+        unused = []
+        if trainable:
+            grads = torch.autograd.grad(tokens.sum(), [p for _, p in trainable], allow_unused=True)
+            unused = [n for (n, _), g in zip(trainable, grads) if g is None]
         self.train(was_training)
-        return tokens.shape[1], tokens.shape[2]
+        return tokens.shape[1], tokens.shape[2], unused
 
     def _tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self._uses_intermediates:
@@ -145,6 +178,8 @@ class VisionEncoder(nn.Module):
             else self.backbone.forward_features(pixel_values)
         if isinstance(features, (list, tuple)):
             features = features[-1]
+        if self.final_norm_name is not None:  # NCHW for ConvNeXt's LayerNorm2d, NLC for a ViT's fc_norm
+            features = self.backbone.get_submodule(self.final_norm_name)(features)
         if features.ndim == 4:  # NCHW feature map -> H*W tokens
             return features.flatten(2).transpose(1, 2)
         if features.ndim == 3:
@@ -164,9 +199,10 @@ class VisionEncoder(nn.Module):
         return tokens
 
     def train(self, mode: bool = True):
+        """A frozen backbone stays in inference mode (BatchNorm statistics, dropout) whatever ``mode`` is."""
         super().train(mode)
-        if self.config.freeze:
-            self.backbone.eval()  # a frozen backbone keeps its BatchNorm/dropout in inference mode
+        if self.frozen:
+            self.backbone.eval()
         return self
 
     def image_transform(self, train: bool = False) -> ImageTransform:
@@ -179,7 +215,7 @@ class VisionEncoder(nn.Module):
         else:
             transform = timm.data.create_transform(
                 input_size=cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
-                mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"], crop_mode=cfg.get("crop_mode", "center"),
+                mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"], crop_mode=RESIZE_MODES[self.config.resize],
             )
             if train and self.config.augment == "affine":
                 transform = T.Compose([SmallAffine(), transform])
@@ -198,8 +234,11 @@ def _create_backbone(config: VisionConfig) -> nn.Module:
         kwargs.setdefault("num_classes", 0)
     pretrained = config.pretrained
     if config.weights_path is not None:
-        # timm's own loader: safetensors or torch.load(weights_only=True), classifier filtered/adapted.
-        kwargs["pretrained_cfg_overlay"] = {"file": str(config.weights_path)}
+        # A file we did not write: read by mmlm.safety (safetensors, or tensors-only unpickling), then
+        # handed to timm as an in-memory state dict so its filter_fn (position-embedding resize, checkpoint
+        # conversion) and classifier handling still apply.
+        kwargs["pretrained_cfg_overlay"] = {"state_dict": load_state_dict(config.weights_path), "source": "",
+                                            "custom_load": False}
         pretrained = True
     try:
         return timm.create_model(config.name, pretrained=pretrained, **kwargs)
@@ -207,3 +246,24 @@ def _create_backbone(config: VisionConfig) -> nn.Module:
         if "Unknown model" in str(err):
             raise ConfigError(f"vision.name: unknown timm model '{config.name}'") from err
         raise
+
+
+def _strip_head(backbone: nn.Module) -> str | None:
+    """Remove what ``forward_features`` does not use; return the name of a final norm timm keeps in the head.
+
+    ``reset_classifier(0, '')`` drops the classifier and any attention pool (SigLIP's ``attn_pool``).
+    An avg-pool ViT's final norm is ``fc_norm`` (its ``norm`` is an Identity) and ConvNeXt's is
+    ``head.norm``: they are applied to the tokens instead of being left without gradients.
+    """
+    try:
+        backbone.reset_classifier(0, "")
+    except (TypeError, AssertionError):
+        backbone.reset_classifier(0)
+    for name in ("fc_norm", "head.norm"):
+        try:
+            norm = backbone.get_submodule(name)
+        except AttributeError:
+            continue
+        if not isinstance(norm, nn.Identity) and any(True for _ in norm.parameters()):
+            return name
+    return None

@@ -245,8 +245,10 @@ def read_conversations(path: str | Path, *, on_bad_row: str = "error", image_roo
                                    check_files=check_files):
         if isinstance(item, Conversation):
             found.conversations.append(item)
-        elif on_bad_row == "error" or not isinstance(item, BadRowError):
+        elif not isinstance(item, BadRowError):
             raise item  # a file that does not parse as JSON is not a row to skip
+        elif on_bad_row == "error":
+            raise BadRowError(f"{Path(path).parent}/{item.source}", item.reason, item.image)
         else:
             found.skipped.append({"source": item.source, "image": item.image, "reason": item.reason})
     if not found.conversations:

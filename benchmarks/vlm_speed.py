@@ -23,6 +23,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from mmlm.models import LanguageConfig, ProjectorConfig, VisionConfig, VisionLanguageModel, VLMConfig
+from mmlm.models.generation import generate
 
 LLAMA = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 4, "max_position_embeddings": 512}
@@ -116,7 +117,7 @@ def bench_generation(ours, llava, batch: int, new_tokens: int, repeats: int) -> 
     ours.eos_token_id = -1  # never stop early: both models generate exactly new_tokens tokens
     try:
         t_ours, t_llava = timed_pair(
-            lambda: ours._generate(rows, pixels, new_tokens, 1, False, 1.0, 1.0),
+            lambda: generate(ours, rows, pixels, new_tokens, 1, False, 1.0, 1.0),
             lambda: llava.generate(input_ids=llava_ids, pixel_values=pixels, attention_mask=torch.ones_like(llava_ids),
                                    do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                    pad_token_id=0),

@@ -9,8 +9,11 @@ from PIL import Image, ImageDraw
 
 from mmlm.config import ConfigError, from_dict, to_dict
 from mmlm.models import LanguageConfig, ProjectorConfig, VisionConfig, VisionLanguageModel, VLMConfig
+from mmlm.models.generation import decode, decode_with_generate
 from mmlm.models.label_tree import LabelTree, chunk_answers
-from mmlm.models.vlm import IGNORE_INDEX, split_template
+from mmlm.models.language import tokens_to_tensor
+from mmlm.models.scoring import split_template
+from mmlm.models.sequence import IGNORE_INDEX
 
 CORPUS = ["a red circle", "a blue square", "a green triangle", "a small red square", "a big blue circle"]
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -151,11 +154,10 @@ def test_own_greedy_loop_matches_transformers_generate(lm):
     model = tiny_model(seed=1, lm=lm)
     prompts = ["", "a", "describe the picture:"]  # different lengths -> left padding
     rows = [model.prompt_ids(p) for p in prompts]
-    from mmlm.models.language import tokens_to_tensor
     ids, mask = tokens_to_tensor(rows, model.pad_token_id, left=True)
     embeds = model.embed(ids, pixels(model))
-    ours = model._decode(embeds, mask, 8, do_sample=False, temperature=1.0, top_p=1.0)
-    theirs = model._decode_with_generate(embeds, mask, 8, num_beams=1, do_sample=False)
+    ours = decode(model, embeds, mask, 8, do_sample=False, temperature=1.0, top_p=1.0)
+    theirs = decode_with_generate(model, embeds, mask, 8, num_beams=1, do_sample=False)
     assert ours == theirs
     beams = model.caption(IMAGES, prompt=prompts, max_new_tokens=8, num_beams=1)
     assert beams == model.tokenizer.batch_decode(ours, skip_special_tokens=True)

@@ -23,12 +23,10 @@ from typing import Any, Iterator
 
 from PIL import Image
 
+from mmlm.errors import DataError  # shared with mmlm.images; still importable from here
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FORMATS = ("auto", "jsonl", "csv", "coco", "imagefolder", "webdataset", "hf")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the source (file, line/row/key) and what was expected."""
 
 
 @dataclass

@@ -17,32 +17,30 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from mmlm.config import ConfigError, from_dict, to_dict
-from mmlm.data.images import load_image
+from mmlm.images import load_image
+from mmlm.models import generation, scoring
 from mmlm.models.language import (
     IMAGE_TOKEN, LanguageConfig, base_causal_lm, build_language_model, cache_argument_name, forward_parameters,
-    is_lora, load_tokenizer, output_cache, tokens_to_tensor,
+    is_lora, load_tokenizer, tokens_to_tensor,
 )
-from mmlm.models.label_tree import LabelTree, chunk_answers
 from mmlm.models.projector import ProjectorConfig, build_projector
+from mmlm.models.scoring import split_template  # noqa: F401  (re-exported: callers import it from here)
+from mmlm.models.sequence import IGNORE_INDEX, check_prompt, positions_from_mask
 from mmlm.models.vision import ImageTransform, VisionConfig, VisionEncoder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LANGUAGE_DIR = "language"
-IGNORE_INDEX = -100
 
 
 def _default_language() -> LanguageConfig:
@@ -63,25 +61,13 @@ class VLMConfig:
     def __post_init__(self):
         if self.max_length < 2:
             raise ConfigError(f"model.max_length: expected >= 2, got {self.max_length}")
-        _check_prompt(self.prompt, "model.prompt")
+        check_prompt(self.prompt, "model.prompt")
 
 
 @dataclasses.dataclass
 class VLMOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor
-
-
-def _check_prompt(prompt: str, where: str) -> None:
-    if not isinstance(prompt, str):
-        raise TypeError(f"{where}: expected str, got {type(prompt).__name__}")
-    if prompt.count(IMAGE_TOKEN) > 1:
-        raise ValueError(f"{where}: at most one '{IMAGE_TOKEN}' per prompt (one image per sample), got {prompt!r}")
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip padding (left or right): 0 at each sample's first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class VisionLanguageModel(nn.Module):
@@ -101,7 +87,7 @@ class VisionLanguageModel(nn.Module):
         self._cache_arg = cache_argument_name(language_model)
         # A prefill needs the next-token logits only: [batch, 1, vocab], not [batch, length, vocab] (for a
         # 150k-word vocabulary and 600 image tokens, that is 90M floats per image).
-        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(language_model) else {}
+        self.last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(language_model) else {}
         self._prefix_ids: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ construction, save, load
@@ -193,7 +179,7 @@ class VisionLanguageModel(nn.Module):
     def prompt_ids(self, prompt: str | None, with_image: bool = True) -> list[int]:
         """[start] + prompt tokens with the image placeholders spliced in (cached per prompt)."""
         prompt = self.config.prompt if prompt is None else prompt
-        _check_prompt(prompt, "prompt")
+        check_prompt(prompt, "prompt")
         key = f"{with_image}|{prompt}"
         if key not in self._prefix_ids:
             if with_image:
@@ -206,7 +192,8 @@ class VisionLanguageModel(nn.Module):
             self._prefix_ids[key] = [self.start_token_id] + ids
         return self._prefix_ids[key]
 
-    def _answer_ids(self, answer: str, index: int, eos: bool = True) -> list[int]:
+    def answer_ids(self, answer: str, index: int, eos: bool = True) -> list[int]:
+        """Answer tokens (and EOS when ``eos``); ``index`` names the sample in the error for an empty answer."""
         if not isinstance(answer, str) or not answer.strip():
             raise ValueError(f"captions[{index}]: expected a non-empty string, got {answer!r}")
         ids = self._text_ids(answer)
@@ -228,7 +215,7 @@ class VisionLanguageModel(nn.Module):
         rows, label_rows = [], []
         for i, (caption, prompt) in enumerate(zip(captions, prompts)):
             prefix = self.prompt_ids(prompt)
-            answer = self._answer_ids(caption, i)
+            answer = self.answer_ids(caption, i)
             prefix_text = len(prefix) - self.num_image_tokens
             room = self.config.max_length - prefix_text
             if room <= 0:
@@ -276,78 +263,16 @@ class VisionLanguageModel(nn.Module):
                                    ignore_index=IGNORE_INDEX)
         return VLMOutput(loss=loss, logits=out.logits)
 
-    # ------------------------------------------------------------------ generation
+    def lm_step(self, cache=None, **inputs):
+        """One cached LM call (prefill or extension of ``cache``), as generation and scoring run it."""
+        return self.language_model(use_cache=True, **{self._cache_arg: cache}, **inputs)
 
-    def _pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
+    def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
+        """Images (paths, bytes, PIL, arrays, tensors; decoded safely) -> a preprocessed batch on the model's device."""
         transform = self.image_transform(train=False)
         return torch.stack([transform(load_image(im)) for im in images]).to(self.device)
 
-    def _lm_step(self, cache=None, **inputs):
-        return self.language_model(use_cache=True, **{self._cache_arg: cache}, **inputs)
-
-    def _decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, do_sample: bool,
-                temperature: float, top_p: float) -> list[list[int]]:
-        """KV-cached greedy / sampling loop (no generate(): its per-step bookkeeping costs more than the tiny LM)."""
-        batch = embeds.shape[0]
-        positions = positions_from_mask(attention_mask)
-        padded = not bool(attention_mask.all())  # unpadded: no mask at all, the LM's causal kernel path is cheaper
-        out = self._lm_step(inputs_embeds=embeds, attention_mask=attention_mask if padded else None,
-                            position_ids=positions, **self._last_logits_only)
-        next_position = positions[:, -1:] + 1
-        warpers = []
-        if do_sample:
-            if temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(temperature))
-            if top_p < 1.0:
-                warpers.append(TopPLogitsWarper(top_p))
-        finished = torch.zeros(batch, dtype=torch.bool, device=embeds.device)
-        generated = []
-        for step in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
-            if do_sample:
-                for warp in warpers:
-                    logits = warp(None, logits)
-                token = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
-            else:
-                token = logits.argmax(-1)
-            token = token.masked_fill(finished, self.pad_token_id)
-            generated.append(token)
-            finished |= token == self.eos_token_id
-            if finished.all() or step == max_new_tokens - 1:
-                break
-            if padded:
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-            out = self._lm_step(output_cache(out), input_ids=token[:, None],
-                                attention_mask=attention_mask if padded else None, position_ids=next_position)
-            next_position = next_position + 1
-        tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(batch)]
-        return [row[: row.index(self.eos_token_id)] if self.eos_token_id in row else row for row in tokens]
-
-    def _decode_with_generate(self, embeds, attention_mask, max_new_tokens: int, **kwargs) -> list[list[int]]:
-        """transformers' generate() on inputs_embeds: beam search and other strategies."""
-        out = self.language_model.generate(
-            inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, **kwargs,
-        )
-        rows = out.tolist()
-        return [row[: row.index(self.eos_token_id)] if self.eos_token_id in row else row for row in rows]
-
-    @torch.inference_mode()  # returns token ids as lists: no inference tensor leaks out
-    def _generate(self, prefix_rows: list[list[int]], pixel_values: torch.Tensor | None, max_new_tokens: int,
-                  num_beams: int, do_sample: bool, temperature: float, top_p: float) -> list[str]:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
-        if num_beams < 1:
-            raise ValueError(f"num_beams: expected >= 1, got {num_beams}")
-        input_ids, attention_mask = tokens_to_tensor(prefix_rows, self.pad_token_id, left=True)
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        embeds = self.embed(input_ids, pixel_values)
-        if num_beams == 1:
-            rows = self._decode(embeds, attention_mask, max_new_tokens, do_sample, temperature, top_p)
-        else:
-            rows = self._decode_with_generate(embeds, attention_mask, max_new_tokens, num_beams=num_beams,
-                                              do_sample=do_sample, temperature=temperature, top_p=top_p)
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+    # ------------------------------------------------------------------ generation (mmlm.models.generation)
 
     def caption(self, images: Any, prompt: str | Sequence[str] | None = None, max_new_tokens: int = 32,
                 num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
@@ -356,35 +281,22 @@ class VisionLanguageModel(nn.Module):
 
         ``prompt``: one for all images or one per image (left-padded when their lengths differ).
         """
-        images = _as_image_list(images)
-        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(images)
-        if len(prompts) != len(images):
-            raise ValueError(f"prompt: {len(prompts)} prompts for {len(images)} images; give one or one per image")
-        captions: list[str] = []
-        for start in _batch_starts(len(images), batch_size, progress, "caption"):
-            captions += self.caption_pixels(self._pixel_values(images[start:start + batch_size]),
-                                            prompts[start:start + batch_size], max_new_tokens, num_beams,
-                                            do_sample, temperature, top_p)
-        return captions
+        return generation.caption(self, images, prompt, max_new_tokens, num_beams, do_sample, temperature, top_p,
+                                  batch_size, progress)
 
     def caption_pixels(self, pixel_values: torch.Tensor, prompt: str | Sequence[str] | None = None,
                        max_new_tokens: int = 32, num_beams: int = 1, do_sample: bool = False,
                        temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
         """Captions for a batch already preprocessed by ``image_transform`` (what a DataLoader yields)."""
-        n = pixel_values.shape[0]
-        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * n
-        with _eval_mode(self):
-            return self._generate([self.prompt_ids(p) for p in prompts], pixel_values.to(self.device),
-                                  max_new_tokens, num_beams, do_sample, temperature, top_p)
+        return generation.caption_pixels(self, pixel_values, prompt, max_new_tokens, num_beams, do_sample,
+                                         temperature, top_p)
 
     def generate_text(self, prompt: str, max_new_tokens: int = 32, num_beams: int = 1, do_sample: bool = False,
                       temperature: float = 1.0, top_p: float = 1.0) -> str:
         """Text-only continuation of ``prompt`` (no image)."""
-        with _eval_mode(self):
-            rows = [self.prompt_ids(prompt, with_image=False)]
-            return self._generate(rows, None, max_new_tokens, num_beams, do_sample, temperature, top_p)[0]
+        return generation.generate_text(self, prompt, max_new_tokens, num_beams, do_sample, temperature, top_p)
 
-    # ------------------------------------------------------------------ classification by prompt
+    # ------------------------------------------------------------------ classification by prompt (mmlm.models.scoring)
 
     def classify(self, images: Any, labels: Sequence[str], prompt: str | Sequence[str] = "a photo of a {}",
                  batch_size: int = 16, progress: bool = False, eos: bool = True,
@@ -401,31 +313,14 @@ class VisionLanguageModel(nn.Module):
         alternatives and takes log(mean_t p(answer | template t)) with whole-answer probabilities,
         e.g. for templates that spell out a nuisance attribute ("a small {}", "a large {}").
         """
-        images = _as_image_list(images)
-        labels = _check_labels(labels)
-        templates = _check_templates(prompt)
-        probs = [self.classify_pixels(self._pixel_values(images[start:start + batch_size]), labels, templates,
-                                      eos=eos, ensemble=ensemble)
-                 for start in _batch_starts(len(images), batch_size, progress, "classify")]
-        return torch.cat(probs)
+        return scoring.classify(self, images, labels, prompt, batch_size, progress, eos, ensemble)
 
     def classify_pixels(self, pixel_values: torch.Tensor, labels: Sequence[str],
                         prompt: str | Sequence[str] = "a photo of a {}", eos: bool = True,
                         ensemble: str = "mean") -> torch.Tensor:
         """``classify`` for a batch already preprocessed by ``image_transform``."""
-        labels = _check_labels(labels)
-        templates = _check_templates(prompt)
-        if ensemble not in ("mean", "marginal"):
-            raise ValueError(f"ensemble: expected 'mean' or 'marginal', got {ensemble!r}")
-        reduce = "mean" if ensemble == "mean" else "sum"
-        with _eval_mode(self):
-            pixel_values = pixel_values.to(self.device)
-            scores = torch.stack([self.label_log_likelihoods(pixel_values, labels, t, eos=eos, reduce=reduce).cpu()
-                                  for t in templates])
-        combined = scores.mean(0) if ensemble == "mean" else scores.logsumexp(0) - math.log(len(templates))
-        return combined.softmax(dim=-1)
+        return scoring.classify_pixels(self, pixel_values, labels, prompt, eos, ensemble)
 
-    @torch.no_grad()  # not inference_mode: callers may modify the scores in place
     def label_log_likelihoods(self, pixel_values: torch.Tensor, labels: Sequence[str], template: str,
                               method: str = "auto", max_tokens: int | None = None, eos: bool = True,
                               reduce: str = "mean") -> torch.Tensor:
@@ -439,162 +334,7 @@ class VisionLanguageModel(nn.Module):
         reference. ``"auto"`` is ``"tree"`` when the LM's attention takes a 4D mask, else ``"expand"``.
         ``max_tokens`` bounds image x label tokens per LM call (labels are chunked to fit, at most 1024
         label tokens per call); by default 8192, fewer for large vocabularies so that one call's logits
-        stay under 2**26 floats.
+        stay under 2**26 floats. Runs under ``torch.no_grad`` (not inference mode: the scores may be
+        modified in place).
         """
-        if method == "auto":
-            method = "tree" if self.language_model.config._attn_implementation in ("eager", "sdpa") else "expand"
-        if method not in ("tree", "expand", "naive"):
-            raise ValueError(f"method: expected 'auto', 'tree', 'expand' or 'naive', got {method!r}")
-        if reduce not in ("mean", "sum"):
-            raise ValueError(f"reduce: expected 'mean' or 'sum', got {reduce!r}")
-        prefix_text, answer_texts = split_template(template, labels)
-        if method == "naive":
-            return self._label_scores_naive(pixel_values, prefix_text, answer_texts, eos, reduce)
-        answers = [self._answer_ids(text, i, eos) for i, text in enumerate(answer_texts)]
-        prefix = self.prompt_ids(prefix_text)
-        n_img = pixel_values.shape[0]
-        prefix_ids = torch.tensor([prefix] * n_img, device=self.device)
-        prefix_mask = torch.ones_like(prefix_ids)  # one prompt for all images: no padding
-        out = self._lm_step(inputs_embeds=self.embed(prefix_ids, pixel_values), attention_mask=prefix_mask,
-                            position_ids=positions_from_mask(prefix_mask), **self._last_logits_only)
-        first_logprobs = out.logits[:, -1].float().log_softmax(-1)  # predicts each answer's first token
-        score_chunks = self._score_tree if method == "tree" else self._score_expanded
-        scores = torch.empty(n_img, len(labels), device=self.device)
-        if max_tokens is None:
-            head = self.language_model.get_output_embeddings()
-            vocab = head.weight.shape[0] if head is not None else len(self.tokenizer)
-            max_tokens = min(8192, 2**26 // vocab)
-        # <= 1024 trie nodes per call also bounds the [nodes, prompt + nodes] tree mask and its attention
-        chunks = chunk_answers(answers, max(1, min(1024, max_tokens // n_img)))
-        for c, group in enumerate(chunks):
-            # The last chunk may extend the prompt's cache in place; earlier ones extend a copy.
-            cache = output_cache(out) if c == len(chunks) - 1 else copy.deepcopy(output_cache(out))
-            scores[:, group] = score_chunks(cache, len(prefix), first_logprobs, [answers[j] for j in group])
-        if reduce == "mean":
-            scores /= torch.tensor([len(ids) for ids in answers], device=scores.device, dtype=scores.dtype)
-        return scores
-
-    def _score_tree(self, cache, prefix_length: int, first_logprobs: torch.Tensor,
-                    answers: list[list[int]]) -> torch.Tensor:
-        tree = LabelTree.build(answers)
-        if len(tree) == 0:  # single-token answers: the prompt's last position scores them all
-            return tree.total_log_probs(first_logprobs, None)
-        n_img = first_logprobs.shape[0]
-        ids = torch.tensor(tree.tokens, device=self.device).expand(n_img, -1)
-        positions = (torch.tensor(tree.depths, device=self.device) + prefix_length).expand(n_img, -1)
-        dtype = next(self.language_model.parameters()).dtype
-        mask = tree.attention_mask(prefix_length, dtype, self.device).expand(n_img, -1, -1, -1)
-        logits = self._lm_step(cache, input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        return tree.total_log_probs(first_logprobs, logits.float().log_softmax(-1))
-
-    def _score_expanded(self, cache, prefix_length: int, first_logprobs: torch.Tensor,
-                        answers: list[list[int]]) -> torch.Tensor:
-        n_img = first_logprobs.shape[0]
-        scores = torch.empty(n_img, len(answers), device=self.device)
-        by_length: dict[int, list[int]] = {}  # equal-length answers run together, unpadded
-        for j, ids in enumerate(answers):
-            by_length.setdefault(len(ids), []).append(j)
-        for g, (length, group) in enumerate(sorted(by_length.items())):
-            k = len(group)
-            group_cache = cache if g == len(by_length) - 1 else copy.deepcopy(cache)
-            group_cache.batch_repeat_interleave(k)  # image i's prefix repeated for its k labels
-            ids = torch.tensor([answers[j] for j in group], device=self.device).repeat(n_img, 1)
-            mask = torch.ones(n_img * k, prefix_length + length, dtype=torch.long, device=self.device)
-            positions = (torch.arange(length, device=self.device) + prefix_length).expand_as(ids)
-            logits = self._lm_step(group_cache, input_ids=ids, attention_mask=mask,
-                                   position_ids=positions).logits.float()
-            logprobs = torch.cat([first_logprobs.repeat_interleave(k, 0)[:, None], logits[:, :-1].log_softmax(-1)], 1)
-            scores[:, group] = logprobs.gather(-1, ids[..., None]).squeeze(-1).sum(1).view(n_img, k)
-        return scores
-
-    def _label_scores_naive(self, pixel_values: torch.Tensor, prompt: str, answers: list[str], eos: bool,
-                            reduce: str) -> torch.Tensor:
-        n_img = pixel_values.shape[0]
-        scores = torch.empty(n_img, len(answers), device=self.device)
-        for j, answer in enumerate(answers):
-            batch = self.prepare_batch(pixel_values, [answer] * n_img, [prompt] * n_img)
-            logits = self(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).logits.float()
-            targets = batch["labels"][:, 1:]
-            mask = targets != IGNORE_INDEX
-            if not eos:
-                mask &= targets != self.eos_token_id
-            lp = logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-            total = (lp * mask).sum(1)
-            scores[:, j] = total / mask.sum(1) if reduce == "mean" else total
-        return scores
-
-
-class _eval_mode:
-    """Context manager: module in eval mode, previous mode restored afterwards."""
-
-    def __init__(self, module: nn.Module):
-        self.module, self.was_training = module, module.training
-
-    def __enter__(self):
-        self.module.eval()
-
-    def __exit__(self, *exc):
-        self.module.train(self.was_training)
-
-
-def _batch_starts(n: int, batch_size: int, progress: bool, what: str):
-    """Batch offsets, with a progress bar over the images when asked."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-    starts = range(0, n, batch_size)
-    if not progress:
-        return starts
-    from tqdm.auto import tqdm
-
-    return tqdm(starts, desc=what, unit="batch", total=len(starts))
-
-
-def _as_image_list(images: Any) -> list:
-    if isinstance(images, torch.Tensor) and images.ndim == 4:
-        images = list(images)
-    elif isinstance(images, np.ndarray) and images.ndim == 4:
-        images = list(images)
-    elif not isinstance(images, (list, tuple)):
-        images = [images]
-    if len(images) == 0:
-        raise ValueError("images: expected at least one image, got an empty list")
-    return list(images)
-
-
-def _check_labels(labels: Sequence[str]) -> list[str]:
-    if isinstance(labels, str) or not isinstance(labels, Sequence):
-        raise TypeError(f"labels: expected a list of strings, got {type(labels).__name__}")
-    if len(labels) == 0:
-        raise ValueError("labels: expected at least one label, got an empty list")
-    for i, label in enumerate(labels):
-        if not isinstance(label, str) or not label.strip():
-            raise ValueError(f"labels[{i}]: expected a non-empty string, got {label!r}")
-    seen: set[str] = set()
-    duplicates = sorted({label for label in labels if label in seen or seen.add(label)})
-    if duplicates:
-        raise ValueError(f"labels: duplicates are ambiguous: {duplicates}")
-    return list(labels)
-
-
-def split_template(template: str, labels: Sequence[str]) -> tuple[str, list[str]]:
-    """``"a photo of a {}"`` -> prompt ``"a photo of a"`` and answers ``[" red circle", ...]``.
-
-    The whitespace before the slot moves to the answer, so prompt and answer tokenise separately
-    exactly as the whole sentence does (byte-level BPE keeps a word's leading space in its token:
-    "a small red" is "a", "Ġsmall", "Ġred", never "a", "Ġsmall", "Ġ", "red").
-    """
-    before, after = template.split("{}", 1)
-    prompt = before.rstrip()
-    space = before[len(prompt):]
-    return prompt, [space + label + after for label in labels]
-
-
-def _check_templates(prompt: str | Sequence[str]) -> list[str]:
-    templates = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not templates:
-        raise ValueError("prompt: expected a template or a non-empty list of templates")
-    for t in templates:
-        if not isinstance(t, str) or t.count("{}") != 1:
-            raise ValueError(f"prompt template {t!r}: expected a string with exactly one '{{}}' for the label")
-        _check_prompt(t, "prompt template")
-    return templates
+        return scoring.label_log_likelihoods(self, pixel_values, labels, template, method, max_tokens, eos, reduce)

@@ -161,7 +161,30 @@ def test_own_greedy_loop_matches_transformers_generate(lm):
     assert ours == theirs
     beams = model.caption(IMAGES, prompt=prompts, max_new_tokens=8, num_beams=1)
     assert beams == model.tokenizer.batch_decode(ours, skip_special_tokens=True)
-    assert all(isinstance(c, str) for c in model.caption(IMAGES, max_new_tokens=8, num_beams=3))
+
+
+def _left_padded_inputs(model, prompts):
+    ids, mask = tokens_to_tensor([model.prompt_ids(p) for p in prompts], model.pad_token_id, left=True)
+    return model.embed(ids, pixels(model)), mask
+
+
+@pytest.mark.parametrize("lm", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])
+def test_beam_search_matches_transformers_generate(lm):
+    model = tiny_model(seed=1, lm=lm)
+    prompts = ["", "a", "describe the picture:"]  # different lengths -> left padding
+    with torch.inference_mode():
+        embeds, mask = _left_padded_inputs(model, prompts)
+        reference = model.language_model.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False,
+            eos_token_id=model.eos_token_id, pad_token_id=model.pad_token_id).tolist()
+        greedy = decode(model, embeds, mask, 8, do_sample=False, temperature=1.0, top_p=1.0)
+        ours = decode_with_generate(model, embeds, mask, 8, num_beams=3, do_sample=False)
+    eos = model.eos_token_id
+    expected = [row[: row.index(eos)] if eos in row else row for row in reference]
+    assert ours == expected  # token for token
+    assert ours != greedy  # the beams change the output here: the comparison would catch num_beams being dropped
+    captions = model.caption(IMAGES, prompt=prompts, max_new_tokens=8, num_beams=3)
+    assert captions == model.tokenizer.batch_decode(expected, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("lm", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])
@@ -181,6 +204,16 @@ def test_sampling_is_reproducible_with_a_seed():
     torch.manual_seed(0)
     b = model.caption(IMAGES, do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=6)
     assert a == b and all(isinstance(c, str) for c in a)
+    # do_sample must matter: at temperature 1, other seeds give other captions, equal seeds equal ones,
+    # and no seed gives the greedy captions.
+    greedy = model.caption(IMAGES, max_new_tokens=6)
+    samples = []
+    for seed in (0, 1, 2, 0):
+        torch.manual_seed(seed)
+        samples.append(model.caption(IMAGES, do_sample=True, temperature=1.0, max_new_tokens=6))
+    assert samples[0] == samples[3]
+    assert samples[0] != samples[1] and samples[1] != samples[2] and samples[0] != samples[2]
+    assert all(sample != greedy for sample in samples)
 
 
 @pytest.mark.parametrize("lm", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])

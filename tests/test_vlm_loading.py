@@ -81,14 +81,16 @@ def test_language_model_from_a_local_transformers_folder(tmp_path):
     assert_same_outputs(model, VisionLanguageModel.from_pretrained(tmp_path / "vlm").eval())
 
 
-def test_gpt2_folder_without_tokenizer_trains_one_from_the_corpus(tmp_path):
+def test_gpt2_folder_without_tokenizer_needs_language_tokenizer(tmp_path):
     torch.manual_seed(0)
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=260, n_embd=32, n_layer=1, n_head=2, n_positions=128))
     lm.save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ConfigError, match="tokenizer"):
-        VisionLanguageModel.from_config(config(LanguageConfig(name_or_path=str(tmp_path / "gpt2"))))
+    for corpus in (None, CORPUS):  # a corpus must not buy a fresh tokenizer for pretrained embeddings
+        with pytest.raises(ConfigError, match=r"language\.name_or_path: .* no tokenizer files.*language\.tokenizer"):
+            VisionLanguageModel.from_config(config(LanguageConfig(name_or_path=str(tmp_path / "gpt2"))), corpus)
+    train_tokenizer(CORPUS, vocab_size=300).save_pretrained(tmp_path / "tokenizer")
     model = VisionLanguageModel.from_config(config(LanguageConfig(name_or_path=str(tmp_path / "gpt2"),
-                                                                  vocab_size=300)), CORPUS)
+                                                                  tokenizer=str(tmp_path / "tokenizer"))))
     embeddings = model.language_model.get_input_embeddings().weight
     assert embeddings.shape[0] == len(model.tokenizer) > 260  # resized for the trained vocabulary
     torch.testing.assert_close(embeddings[:260], lm.get_input_embeddings().weight)

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
 from mmlm.config import ConfigError
+from mmlm.models.freezing import freeze
 from mmlm.models.tokenizer import train_bpe_tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -84,15 +85,23 @@ def _has_tokenizer_files(source: str) -> bool:
 
 
 def load_tokenizer(config: LanguageConfig, corpus: Iterable[str] | None):
+    """The LM's own tokenizer (``language.tokenizer``, else ``name_or_path``'s); trained on ``corpus``
+    only for a from-scratch LM. A pretrained LM never gets a fresh tokenizer: its embedding rows
+    belong to its own vocabulary."""
     source = config.tokenizer or config.name_or_path
     tokenizer = None
-    if source is not None and (config.tokenizer is not None or _has_tokenizer_files(source)):
+    if source is not None:
+        if config.tokenizer is None and not _has_tokenizer_files(source):
+            raise ConfigError(
+                f"language.name_or_path: '{source}' holds a model but no tokenizer files "
+                f"(none of {', '.join(TOKENIZER_FILES)}); its embeddings belong to the tokenizer it was "
+                "trained with: set language.tokenizer to that tokenizer's folder or Hub id")
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
         except (OSError, ValueError, TypeError) as err:
-            if config.tokenizer is not None or corpus is None:
-                raise ConfigError(f"language.tokenizer: cannot load a tokenizer from '{source}' ({err}); "
-                                  "set language.tokenizer or pass a caption corpus to train one") from err
+            key = "language.tokenizer" if config.tokenizer is not None else "language.name_or_path"
+            raise ConfigError(f"{key}: cannot load a tokenizer from '{source}' ({err}); "
+                              "set language.tokenizer to the LM's tokenizer folder or Hub id") from err
     if tokenizer is None:
         if corpus is None:
             raise ConfigError("language: no tokenizer to load (language.tokenizer / name_or_path) "
@@ -136,11 +145,45 @@ def build_language_model(
         setattr(lm.config, name, getattr(tokenizer, name))
         if getattr(lm, "generation_config", None) is not None:
             setattr(lm.generation_config, name, getattr(tokenizer, name))
-    if config.freeze:
-        lm.requires_grad_(False)
+    if config.freeze and config.lora_rank == 0:
+        freeze(lm)  # no gradients, and eval mode (dropout off) that survives model.train()
+    elif config.freeze:
+        lm.requires_grad_(False)  # peft trains the adapters on the frozen base (its dropout stays on)
     if config.lora_rank > 0:
         lm = apply_lora(lm, config)
     return lm
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def max_positions(lm_config: PretrainedConfig) -> tuple[int, str] | None:
+    """The most positions the LM takes and the config key that says so (e.g. ``(128, 'n_positions')``);
+    None when its config names no limit. Multimodal configs are read through their ``text_config``."""
+    config = getattr(lm_config, "text_config", None) or lm_config
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value, getattr(config, "attribute_map", {}).get(key, key)  # GPT-2's file says n_positions
+    return None
+
+
+def check_sequence_fits(lm_config: PretrainedConfig, num_image_tokens: int, max_length: int) -> None:
+    """ConfigError when ``num_image_tokens`` + ``max_length`` (text tokens) exceed the LM's positions
+    (past them a learned position table is indexed out of range: a device-side assert on a GPU)."""
+    limit = max_positions(lm_config)
+    if limit is None:
+        return
+    positions, key = limit
+    total = num_image_tokens + max_length
+    if total > positions:
+        fewer = ("use fewer image tokens (projector pooling such as pixel_shuffle or perceiver, a smaller "
+                 "vision.image_size, or a coarser vision.features_only_stage)")
+        fix = (f"lower model.max_length to <= {positions - num_image_tokens} or {fewer}"
+               if num_image_tokens < positions else fewer)
+        raise ConfigError(
+            f"model.max_length: {num_image_tokens} image tokens + max_length {max_length} = {total} positions, "
+            f"but the language model's {key} is {positions}; {fix}")
 
 
 def apply_lora(lm: nn.Module, config: LanguageConfig) -> nn.Module:

@@ -24,7 +24,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
 from mmlm.models.diffusion import DenoiserConfig, TextToImage, TextToImageConfig, to_pil
-from mmlm.models.text_encoder import TextEncoderConfig
+from mmlm.models.diffusion import TextEncoderConfig
 
 PROMPTS = ["a large red circle in the center", "a small blue square on the left", "a large green star at the top",
            "a small yellow triangle at the bottom"]

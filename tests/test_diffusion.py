@@ -10,9 +10,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from mmlm.config import ConfigError, from_dict, to_dict
-from mmlm.models.autoencoder import AutoencoderConfig
-from mmlm.models.diffusion import DenoiserConfig, TextToImage, TextToImageConfig
-from mmlm.models.text_encoder import TextEncoderConfig
+from mmlm.models.diffusion import AutoencoderConfig, DenoiserConfig, TextEncoderConfig, TextToImage, TextToImageConfig
 
 CORPUS = ["a red circle", "a blue square", "a green triangle", "a small red square"]
 

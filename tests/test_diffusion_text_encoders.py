@@ -10,7 +10,8 @@ import torch
 import transformers
 
 from mmlm.models.diffusion import DenoiserConfig, TextToImage, TextToImageConfig
-from mmlm.models.text_encoder import TextEncoder, TextEncoderConfig, train_tokenizer
+from mmlm.models.diffusion.text_encoder import SCRATCH_TOKENIZER, TextEncoder, TextEncoderConfig
+from mmlm.models.tokenizer import train_bpe_tokenizer
 
 CORPUS = ["red", "blue", "a red circle", "a blue square"]
 COLOURS = {"red": (1.0, -1.0, -1.0), "blue": (-1.0, -1.0, 1.0)}
@@ -64,7 +65,7 @@ def assert_conditions_the_denoiser(model: TextToImage, steps=50):
 
 
 def test_tokenizer_wraps_captions_and_round_trips(tmp_path):
-    tokenizer = train_tokenizer(CORPUS * 5, vocab_size=300)
+    tokenizer = train_bpe_tokenizer(CORPUS * 5, 300, **SCRATCH_TOKENIZER)
     ids = tokenizer("a red circle")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids, skip_special_tokens=True) == "a red circle"
@@ -89,7 +90,7 @@ def test_scratch_text_encoder_conditions_the_denoiser():
 
 def test_pretrained_text_encoder_from_a_local_folder_conditions_the_denoiser(tmp_path):
     torch.manual_seed(0)
-    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    tokenizer = train_bpe_tokenizer(CORPUS, 300, **SCRATCH_TOKENIZER)
     tiny_clip(tokenizer).save_pretrained(tmp_path / "clip")
     tokenizer.save_pretrained(tmp_path / "clip")
     config = pixel_config(TextEncoderConfig(kind="pretrained", name_or_path=str(tmp_path / "clip"), max_length=6))
@@ -101,7 +102,7 @@ def test_pretrained_text_encoder_from_a_local_folder_conditions_the_denoiser(tmp
 
 def test_language_model_hidden_states_condition_the_denoiser_and_share_the_lm(tmp_path):
     torch.manual_seed(0)
-    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    tokenizer = train_bpe_tokenizer(CORPUS, 300, **SCRATCH_TOKENIZER)
     language_model = tiny_llama(tokenizer)
     lm_config = TextEncoderConfig(kind="lm", max_length=6)
     text_encoder = TextEncoder.from_language_model(language_model, tokenizer, lm_config)
@@ -123,7 +124,7 @@ def test_language_model_hidden_states_condition_the_denoiser_and_share_the_lm(tm
 
 
 def test_language_model_from_a_local_folder_by_config(tmp_path):
-    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    tokenizer = train_bpe_tokenizer(CORPUS, 300, **SCRATCH_TOKENIZER)
     tiny_llama(tokenizer).save_pretrained(tmp_path / "lm")
     tokenizer.save_pretrained(tmp_path / "lm")
     encoder = TextEncoder.from_config(TextEncoderConfig(kind="lm", name_or_path=str(tmp_path / "lm"), max_length=6,
@@ -139,7 +140,7 @@ def test_lm_kind_without_a_model_or_path_is_a_clear_error():
 
 @pytest.mark.parametrize("trust", [False, True])
 def test_pretrained_loads_pass_trust_remote_code_from_the_config(tmp_path, monkeypatch, trust):
-    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    tokenizer = train_bpe_tokenizer(CORPUS, 300, **SCRATCH_TOKENIZER)
     tiny_clip(tokenizer).save_pretrained(tmp_path / "clip")
     tokenizer.save_pretrained(tmp_path / "clip")
     seen = []

@@ -353,7 +353,7 @@ def tiny_t2i():
     import torch
 
     from mmlm.models.diffusion import DenoiserConfig, TextToImage, TextToImageConfig
-    from mmlm.models.text_encoder import TextEncoderConfig
+    from mmlm.models.diffusion import TextEncoderConfig
 
     torch.manual_seed(0)
     config = TextToImageConfig(image_size=16, space="pixel",

@@ -9,7 +9,6 @@ to SD's VAE only.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -18,41 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from mmlm.config import ConfigError
-
-
-@dataclasses.dataclass
-class AutoencoderConfig:
-    """A pretrained VAE (``name_or_path``) or the size and training budget of a tiny one."""
-
-    name_or_path: str | None = None  # Hub id or folder with an AutoencoderKL (config.json + weights)
-    subfolder: str | None = None  # e.g. "vae" inside a whole-pipeline folder
-    block_out_channels: tuple[int, ...] = (32, 64)  # each extra level halves the resolution
-    layers_per_block: int = 1
-    latent_channels: int = 4
-    norm_num_groups: int = 8
-    mid_block_attention: bool = False  # attention costs a lot on CPU and buys little at these sizes
-    kl_weight: float = 1e-6
-    # Training budget of the pre-stage (TextToImage.fit_autoencoder); whichever ends first.
-    train_steps: int = 1500
-    train_minutes: float | None = None
-    batch_size: int = 32
-    lr: float = 2e-3
-
-    def __post_init__(self):
-        if not self.block_out_channels:
-            raise ConfigError("vae.block_out_channels: expected at least one level")
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if bad:
-            raise ConfigError(
-                f"vae.block_out_channels: {bad} not divisible by vae.norm_num_groups={self.norm_num_groups}"
-            )
-        if self.train_steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("vae.train_steps must be >= 0, vae.batch_size >= 1 and vae.lr > 0")
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
+from mmlm.models.diffusion.config import AutoencoderConfig
 
 
 def build_autoencoder(config: AutoencoderConfig, image_size: int) -> AutoencoderKL:

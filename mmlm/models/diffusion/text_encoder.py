@@ -25,56 +25,22 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmlm.config import ConfigError
+from mmlm.models.diffusion.config import TextEncoderConfig
 from mmlm.models.tokenizer import train_bpe_tokenizer
 
-TEXT_ENCODER_KINDS = ("scratch", "pretrained", "lm")
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+# The scratch tokenizer: every caption wrapped as ``<bos> ... <eos>``, so even the empty caption has two tokens.
+SCRATCH_TOKENIZER = dict(special_tokens=("<pad>", "<bos>", "<eos>"), wrap=("<bos>", "<eos>"), pad_token="<pad>",
+                         bos_token="<bos>", eos_token="<eos>")
 
 
-@dataclasses.dataclass
-class TextEncoderConfig:
-    """Which text encoder conditions the denoiser, and how big the from-scratch one is."""
-
-    kind: str = "scratch"  # scratch | pretrained | lm
-    name_or_path: str | None = None  # Hub id or folder for "pretrained" / "lm"
-    freeze: bool | None = None  # None: train "scratch", freeze "pretrained" and "lm"
-    max_length: int = 16  # tokens per caption, padded/truncated
-    hidden_layer: int = -1  # which hidden state of an "lm" to use (-1: last)
-    trust_remote_code: bool = False  # run a checkpoint's own Python code (only for checkpoints you trust)
-    # "scratch" only:
-    vocab_size: int = 512  # BPE vocabulary trained on the corpus (the 256 bytes always included)
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    cache_size: int = 65536  # cached caption embeddings when frozen (cleared when full)
-
-    def __post_init__(self):
-        if self.kind not in TEXT_ENCODER_KINDS:
-            raise ConfigError(f"text_encoder.kind: expected one of {TEXT_ENCODER_KINDS}, got {self.kind!r}")
-        # "lm" may come as live objects (TextEncoder.from_language_model), so only "pretrained" needs a path here.
-        if self.kind == "pretrained" and not self.name_or_path:
-            raise ConfigError("text_encoder.name_or_path: required when kind is 'pretrained'")
-        if self.max_length < 2:
-            raise ConfigError(f"text_encoder.max_length: expected >= 2, got {self.max_length}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"text_encoder.hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})"
-            )
-
-    @property
-    def frozen(self) -> bool:
-        return self.freeze if self.freeze is not None else self.kind != "scratch"
-
-
-def train_tokenizer(corpus: Iterable[str] | None, vocab_size: int = 512) -> transformers.PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``corpus`` (None: bytes only), with <pad>/<bos>/<eos>.
-
-    Every caption is wrapped as ``<bos> ... <eos>``, so even the empty caption has two tokens.
-    """
-    pad, bos, eos = SPECIAL_TOKENS
-    texts = corpus if corpus is not None else []
-    return train_bpe_tokenizer(texts, vocab_size, SPECIAL_TOKENS, wrap=(bos, eos), pad_token=pad, bos_token=bos,
-                               eos_token=eos)
+def check_prompts(prompts: str | Sequence[str], name: str) -> list[str]:
+    """A string or a list of strings -> a list of strings; anything else is a TypeError naming ``name``."""
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{name}: expected a string or a list of strings, got {prompts!r}")
+    return prompts
 
 
 def _pretrained_text_model_class(name_or_path: str, trust_remote_code: bool = False) -> type[PreTrainedModel]:
@@ -121,7 +87,8 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_config(cls, config: TextEncoderConfig, corpus: Iterable[str] | None = None) -> TextEncoder:
         if config.kind == "scratch":
-            tokenizer = train_tokenizer(corpus, config.vocab_size)
+            texts = list(corpus) if corpus is not None else []  # None: bytes only
+            tokenizer = train_bpe_tokenizer(texts, config.vocab_size, **SCRATCH_TOKENIZER)
             model_config = transformers.CLIPTextConfig(
                 vocab_size=len(tokenizer),
                 hidden_size=config.hidden_size,

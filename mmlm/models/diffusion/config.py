@@ -1,0 +1,190 @@
+"""Typed configs of the text-to-image model and its parts; round-trip through mmlm.config.from_dict / to_dict.
+
+Plain dataclasses with validation only (no torch, transformers or diffusers import), so a recipe can be
+checked without building anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mmlm.config import ConfigError
+
+SAMPLER_NAMES = ("ddpm", "ddim", "dpm++")  # the classes are in sampling.SAMPLERS
+SPACES = ("pixel", "patch", "latent")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+TEXT_ENCODER_KINDS = ("scratch", "pretrained", "lm")
+
+
+@dataclasses.dataclass
+class TextEncoderConfig:
+    """Which text encoder conditions the denoiser, and how big the from-scratch one is."""
+
+    kind: str = "scratch"  # scratch | pretrained | lm
+    name_or_path: str | None = None  # Hub id or folder for "pretrained" / "lm"
+    freeze: bool | None = None  # None: train "scratch", freeze "pretrained" and "lm"
+    max_length: int = 16  # tokens per caption, padded/truncated
+    hidden_layer: int = -1  # which hidden state of an "lm" to use (-1: last)
+    trust_remote_code: bool = False  # run a checkpoint's own Python code (only for checkpoints you trust)
+    # "scratch" only:
+    vocab_size: int = 512  # BPE vocabulary trained on the corpus (the 256 bytes always included)
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    cache_size: int = 65536  # cached caption embeddings when frozen (cleared when full)
+
+    def __post_init__(self):
+        if self.kind not in TEXT_ENCODER_KINDS:
+            raise ConfigError(f"text_encoder.kind: expected one of {TEXT_ENCODER_KINDS}, got {self.kind!r}")
+        # "lm" may come as live objects (TextEncoder.from_language_model), so only "pretrained" needs a path here.
+        if self.kind == "pretrained" and not self.name_or_path:
+            raise ConfigError("text_encoder.name_or_path: required when kind is 'pretrained'")
+        if self.max_length < 2:
+            raise ConfigError(f"text_encoder.max_length: expected >= 2, got {self.max_length}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"text_encoder.hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})"
+            )
+
+    @property
+    def frozen(self) -> bool:
+        return self.freeze if self.freeze is not None else self.kind != "scratch"
+
+
+@dataclasses.dataclass
+class AutoencoderConfig:
+    """A pretrained VAE (``name_or_path``) or the size and training budget of a tiny one."""
+
+    name_or_path: str | None = None  # Hub id or folder with an AutoencoderKL (config.json + weights)
+    subfolder: str | None = None  # e.g. "vae" inside a whole-pipeline folder
+    block_out_channels: tuple[int, ...] = (32, 64)  # each extra level halves the resolution
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 8
+    mid_block_attention: bool = False  # attention costs a lot on CPU and buys little at these sizes
+    kl_weight: float = 1e-6
+    # Training budget of the pre-stage (TextToImage.fit_autoencoder); whichever ends first.
+    train_steps: int = 1500
+    train_minutes: float | None = None
+    batch_size: int = 32
+    lr: float = 2e-3
+
+    def __post_init__(self):
+        if not self.block_out_channels:
+            raise ConfigError("vae.block_out_channels: expected at least one level")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ConfigError(
+                f"vae.block_out_channels: {bad} not divisible by vae.norm_num_groups={self.norm_num_groups}"
+            )
+        if self.train_steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("vae.train_steps must be >= 0, vae.batch_size >= 1 and vae.lr > 0")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclasses.dataclass
+class DenoiserConfig:
+    """The denoiser's architecture. Tiny by default; CPU cost grows fast with attention heads.
+
+    ``unet``: one level per ``block_out_channels`` entry, cross-attention on text where ``attention``
+    is true (skip the highest resolution on CPU); ``pooled_text`` also adds the masked mean of the text
+    states, projected, to the timestep embedding (FiLM-like: every ResNet block sees colour and kind).
+    ``transformer``: PixArt-style DiT blocks with cross-attention, on ``patch_size`` patches.
+    """
+
+    kind: str = "unet"  # unet | transformer
+    block_out_channels: tuple[int, ...] = (32, 64)
+    attention: tuple[bool, ...] = (False, True)  # per level: cross-attention blocks or plain ResNet
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    num_heads: int = 1  # attention heads (diffusers' UNet calls this ``attention_head_dim``)
+    pooled_text: bool | None = None  # pooled text added to the timestep embedding; None: on for unet, off for DiT
+    hidden_size: int = 128  # transformer width
+    num_layers: int = 4  # transformer blocks
+    patch_size: int = 2
+
+    def __post_init__(self):
+        if self.kind not in ("unet", "transformer"):
+            raise ConfigError(f"denoiser.kind: expected 'unet' or 'transformer', got {self.kind!r}")
+        if self.num_heads < 1:
+            raise ConfigError(f"denoiser.num_heads: expected >= 1, got {self.num_heads}")
+        if self.kind == "unet":
+            if len(self.attention) != len(self.block_out_channels):
+                raise ConfigError(
+                    f"denoiser.attention: expected one flag per level ({len(self.block_out_channels)}), "
+                    f"got {list(self.attention)}"
+                )
+            if not any(self.attention):
+                raise ConfigError("denoiser.attention: at least one level needs cross-attention to see the text")
+            bad = [c for c in self.block_out_channels if c % self.norm_num_groups or c % self.num_heads]
+            if bad:
+                raise ConfigError(
+                    f"denoiser.block_out_channels: {bad} not divisible by norm_num_groups={self.norm_num_groups} "
+                    f"and num_heads={self.num_heads}"
+                )
+        else:
+            if self.hidden_size % self.num_heads:
+                raise ConfigError(f"denoiser.hidden_size ({self.hidden_size}) must be a multiple of num_heads")
+            if self.pooled_text:
+                raise ConfigError("denoiser.pooled_text: supported by kind 'unet' only; leave it null for 'transformer'")
+
+    @property
+    def uses_pooled_text(self) -> bool:
+        return self.kind == "unet" and self.pooled_text is not False
+
+
+@dataclasses.dataclass
+class TextToImageConfig:
+    """A text-to-image model: round-trips through mmlm.config.from_dict / to_dict.
+
+    ``training_loss`` takes pixel values in [-1, 1] (what ``image_transform`` produces).
+    """
+
+    image_size: int = 32
+    # Patch by default: exact pixel-space diffusion (no VAE pre-stage, nothing lost) with the denoiser
+    # running at image_size / patch_size; a tiny self-trained 2x VAE came out washed out, and a UNet at
+    # the full 32x32 learned far slower per CPU-second (benchmarks/diffusion_recipe_search.py).
+    space: str = "patch"  # pixel | patch | latent
+    patch_size: int = 2  # patch space only: pixel_unshuffle factor (32x32x3 -> 16x16x12)
+    denoiser: DenoiserConfig = dataclasses.field(default_factory=DenoiserConfig)
+    text_encoder: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
+    vae: AutoencoderConfig | None = dataclasses.field(default_factory=AutoencoderConfig)  # latent space only
+    prediction_type: str = "v_prediction"  # epsilon | v_prediction
+    snr_gamma: float | None = 5.0  # min-SNR loss weighting; None = plain MSE
+    caption_dropout: float = 0.1  # p(caption -> "") in training, for classifier-free guidance
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"  # any DDPMScheduler beta_schedule
+    # Shifts the schedule's log-SNR by -2 log(noise_shift) (Simple Diffusion, Hoogeboom et al. 2023): more noise,
+    # so that more steps decide the global layout; 2 gives a 32x32 image the noise levels a 16x16 one sees.
+    noise_shift: float = 1.0
+    scheduler: str = "dpm++"  # default sampler: ddpm | ddim | dpm++
+    num_inference_steps: int = 20
+    guidance_scale: float = 2.0
+    random_flip: bool = False  # train-time horizontal flip (off: captions may say left/right)
+
+    def __post_init__(self):
+        if self.space not in SPACES:
+            raise ConfigError(f"model.space: expected one of {SPACES}, got {self.space!r}")
+        if self.space == "patch" and (self.patch_size < 1 or self.image_size % self.patch_size):
+            raise ConfigError(
+                f"model.patch_size: expected a divisor of image_size ({self.image_size}) >= 1, got {self.patch_size}"
+            )
+        if self.space == "latent" and self.vae is None:
+            raise ConfigError("model.vae: required when space is 'latent'")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(
+                f"model.prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
+            )
+        if self.scheduler not in SAMPLER_NAMES:
+            raise ConfigError(f"model.scheduler: expected one of {list(SAMPLER_NAMES)}, got {self.scheduler!r}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"model.caption_dropout: expected 0 <= p < 1, got {self.caption_dropout}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ConfigError(f"model.snr_gamma: expected > 0 or null, got {self.snr_gamma}")
+        if not self.noise_shift > 0:
+            raise ConfigError(f"model.noise_shift: expected > 0, got {self.noise_shift}")
+        if self.image_size < 8:
+            raise ConfigError(f"model.image_size: expected >= 8, got {self.image_size}")

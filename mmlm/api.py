@@ -1,12 +1,17 @@
-"""The Python entry points: train, evaluate and load, for every task."""
+"""The Python entry points: train, evaluate and load, for every task (the facade: only cli.py and users import it)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from mmlm.config import ConfigError, RunConfig, load_config, read_yaml, build_run_config
+from mmlm.config import ConfigError, RunConfig, build_run_config, load_config, read_yaml
+from mmlm.tasks.common import (  # noqa: F401  (model_kind: part of the API)
+    load_text_to_image_model,
+    load_vision_language_model,
+    model_folder,
+    model_kind,
+)
 
 
 def get_task(config: RunConfig):
@@ -72,53 +77,17 @@ def evaluate(run: str | Path, *, data: str | None = None, split: str = "test", o
     return metrics
 
 
-def model_kind(path: str | Path) -> str:
-    """'vision_language' or 'text_to_image', read from a saved folder's config.json."""
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path} is not a saved mmlm model (no config.json)")
-    try:
-        meta = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file}: invalid JSON ({err})") from err
-    class_name = meta.get("model_class") or meta.get("_class_name") if isinstance(meta, dict) else None
-    if class_name not in _MODEL_KINDS:
-        raise ValueError(f"{config_file}: model class is {class_name!r}; expected one of {', '.join(_MODEL_KINDS)} "
-                         "(was this folder saved by mmlm?)")
-    return _MODEL_KINDS[class_name]
-
-
-_MODEL_KINDS = {"VisionLanguageModel": "vision_language", "TextToImage": "text_to_image"}
-
-
 def load_vlm(path: str | Path):
-    from mmlm.models import VisionLanguageModel
-
-    path = _model_folder(path)
-    if model_kind(path) != "vision_language":
-        raise ValueError(f"{path} holds a text-to-image model; captioning and classification need a vision-language model")
-    return VisionLanguageModel.from_pretrained(path)
+    """The VisionLanguageModel in a saved model folder or a run folder."""
+    return load_vision_language_model(path)
 
 
 def load_text_to_image(path: str | Path):
-    from mmlm.models.diffusion import TextToImage
-
-    path = _model_folder(path)
-    if model_kind(path) != "text_to_image":
-        raise ValueError(f"{path} holds a vision-language model; generation needs a text-to-image model")
-    return TextToImage.from_pretrained(path)
-
-
-def _model_folder(path: str | Path) -> Path:
-    """Accept a run folder (uses its model/) as well as a saved model folder."""
-    path = Path(path)
-    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
-        return path / "model"
-    return path
+    """The TextToImage model in a saved model folder or a run folder."""
+    return load_text_to_image_model(path)
 
 
 def load(path: str | Path):
     """Load whatever model mmlm saved in ``path``: a VisionLanguageModel or a TextToImage."""
-    folder = _model_folder(path)
+    folder = model_folder(path)
     return load_vlm(folder) if model_kind(folder) == "vision_language" else load_text_to_image(folder)

@@ -10,6 +10,7 @@ worker, so ``dataset.skipped`` lists every skipped image, whichever process met 
 from __future__ import annotations
 
 import collections
+import copy
 import os
 import re
 import shutil
@@ -187,6 +188,15 @@ def _check_policy(on_bad_image: str) -> None:
         raise ValueError(f"on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
 
 
+def bad_image_source(record: Record, err: BadImageError) -> str:
+    """Where a bad image came from: its row and, when the image is a file, that file ("m.jsonl:15 (img/x.png)")."""
+    if not record.source:
+        return err.path
+    if isinstance(record.image, (str, Path)) and Path(err.path).name not in record.source:
+        return f"{record.source} ({err.path})"
+    return record.source
+
+
 def _pick_caption(captions: list[str], epoch: int | None, seed: int, key: int) -> str:
     if not captions:
         return ""
@@ -210,14 +220,30 @@ def _label(record: Record, label_field: str) -> str | None:
 def _sample(record: Record, image: Any, transform: Callable | None, caption: str, label_field: str,
             index: int) -> dict:
     return {"pixel_values": transform(image) if transform else image, "caption": caption,
-            "captions": list(record.captions), "label": _label(record, label_field),
+            "captions": list(record.captions), "prompt": record.attributes.get("prompt"),
+            "label": _label(record, label_field),
             "attributes": record.attributes, "index": index}
 
 
-class ImageTextDataset(Dataset):
+class _Retransformable:
+    """``with_transform``: the same split with another image transform, without reading its source again."""
+
+    def with_transform(self, transform: Callable | None):
+        """A copy sharing the records (or shards) with ``transform`` applied, and its own skip log."""
+        clone = copy.copy(self)
+        clone.transform = transform
+        clone._log = SkipLog()
+        clone.worker_progress = WorkerProgress()
+        if hasattr(clone, "_bad"):
+            clone._bad = set()
+        return clone
+
+
+class ImageTextDataset(_Retransformable, Dataset):
     """Map-style dataset over a sequence of Records.
 
-    Items: ``{"pixel_values", "caption", "captions", "label", "attributes", "index"}``; ``index`` is the
+    Items: ``{"pixel_values", "caption", "captions", "prompt", "label", "attributes", "index"}``; ``prompt`` is
+    the row's own ``prompt`` column (None without one); ``index`` is the
     record actually returned (a substitute's, when a bad image was skipped). ``caption`` is the first
     caption until ``set_epoch`` is called, then a choice fixed by (seed, epoch, index). Call ``set_epoch``
     before creating each epoch's DataLoader iterator (persistent workers keep their own copy).
@@ -268,7 +294,7 @@ class ImageTextDataset(Dataset):
                 if self.on_bad_image == "error":
                     raise BadImageError(err.path, err.reason + where) from None
                 self._bad.add(i)
-                self._log.add(record.source or err.path, err.reason)
+                self._log.add(bad_image_source(record, err), err.reason)
         raise DataError(f"every one of the {n} images is bad; first skipped: {self.skipped[:3]}")
 
     def __getitem__(self, index: int) -> dict:
@@ -290,7 +316,7 @@ def _split_key(record: Record) -> str:
     return str(record.image) if isinstance(record.image, (str, Path)) else record.source
 
 
-class StreamingImageTextDataset(IterableDataset):
+class StreamingImageTextDataset(_Retransformable, IterableDataset):
     """Iterable dataset over webdataset tar shards, sharded across DataLoader workers (and ranks).
 
     Shard ``k`` goes to worker ``k % (world_size * num_workers)``; bad samples and unreadable shards follow
@@ -438,7 +464,7 @@ def summarize(records: Sequence[Record], *, max_pixels: int = DEFAULT_MAX_PIXELS
         try:
             info = image_info(record.image, max_pixels=max_pixels)
         except BadImageError as err:
-            bad.append((record.source, err.reason))
+            bad.append((bad_image_source(record, err), err.reason))
             continue
         sizes[f"{info.width}x{info.height}"] += 1
         modes[info.mode] += 1

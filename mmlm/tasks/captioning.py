@@ -8,13 +8,12 @@ import torch
 from torch import nn
 
 from mmlm.eval import caption_scores
-from mmlm.tasks.common import caption_corpus, collate_images_and_texts, image_text_splits, iterate_dataset, unwrap
-from mmlm.train.task import Task
+from mmlm.tasks.common import ImageTextTask, caption_corpus, iterate_dataset, unwrap
 
 CAPTION_TOKENS = 48  # new tokens per generated caption in evaluation
 
 
-class VisionLanguageTask(Task):
+class VisionLanguageTask(ImageTextTask):
     """What captioning and classification by prompt share: the model, the data, the loss."""
 
     def build_model(self) -> nn.Module:
@@ -23,19 +22,12 @@ class VisionLanguageTask(Task):
         return VisionLanguageModel.from_config(self.config.model, corpus=self.corpus())
 
     def corpus(self) -> list[str]:
-        return caption_corpus(self.config)
-
-    def build_datasets(self, model):
-        return image_text_splits(self.config, model)
-
-    def collate(self, samples: list) -> dict:
-        return collate_images_and_texts(samples)
+        """Texts for a tokenizer trained from scratch."""
+        return caption_corpus(self.splits()["train"])
 
     def prompts_and_targets(self, batch: dict) -> tuple[list[str] | None, list[str]]:
         """The prompt each sample gets (None: the model's default) and the text it is trained to produce."""
-        if self.config.data.caption_choice == "first":
-            return None, [captions[0] for captions in batch["captions"]]
-        return None, batch["caption"]
+        return None, self.training_captions(batch)
 
     def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         prompts, targets = self.prompts_and_targets(batch)

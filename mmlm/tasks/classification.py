@@ -24,19 +24,17 @@ class ClassificationTask(VisionLanguageTask):
         return templates
 
     def corpus(self) -> list[str]:
-        texts = caption_corpus(self.config, texts_of=lambda r: [])
+        texts = caption_corpus(self.splits()["train"], texts_of=lambda r: [])
         labels = self.labels()
         return texts + [t.format(label) for t in self.templates for label in labels]
 
-    def labels(self, datasets=None) -> list[str]:
+    def labels(self) -> list[str]:
         """Candidate labels: ``eval.labels`` when given, else every label of the training split, sorted."""
         if self.config.eval.labels:
             return list(self.config.eval.labels)
         if self.config.data.source == "shapes":
             return shapes_label_space(self.config.data.label_field)
-        from mmlm.data.datasets import build_datasets
-
-        train = (datasets or build_datasets(self.config.data, None, None))["train"]
+        train = self.splits()["train"]
         records = getattr(train, "records", None)
         if records is None:
             raise ValueError("eval.labels: required for streamed data (labels cannot be listed without a full pass)")

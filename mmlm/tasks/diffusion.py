@@ -16,28 +16,25 @@ from mmlm.eval import (
     train_shapes_judge,
 )
 from mmlm.eval.plots import image_grid
-from mmlm.tasks.common import caption_corpus, collate_images_and_texts, image_text_splits
-from mmlm.train.task import Task
+from mmlm.tasks.common import ImageTextTask, caption_corpus, load_vision_language_model
 
 AUTOENCODER_IMAGES = 4000  # training images for the VAE pre-stage
 
 
-class DiffusionTask(Task):
+class DiffusionTask(ImageTextTask):
     name = "diffusion"
 
     def build_model(self) -> nn.Module:
         from mmlm.models.diffusion import TextToImage
 
-        model = TextToImage.from_config(self.config.model, corpus=caption_corpus(self.config))
+        model = TextToImage.from_config(self.config.model, corpus=caption_corpus(self.splits()["train"]))
         if model.needs_autoencoder_fit:
             self.fit_autoencoder(model)
         return model
 
     def fit_autoencoder(self, model) -> dict:
         """The latent-space pre-stage: train the VAE on training images, set its latent scale."""
-        from mmlm.data.datasets import build_datasets
-
-        train = build_datasets(self.config.data, model.image_transform(), None)["train"]
+        train = self.splits()["train"].with_transform(model.image_transform())
         n = min(len(train), AUTOENCODER_IMAGES)
         images = torch.stack([train[i]["pixel_values"] for i in range(n)])
         started = time.perf_counter()
@@ -46,18 +43,16 @@ class DiffusionTask(Task):
         self.autoencoder_stats = stats
         return stats
 
-    def build_datasets(self, model):
-        return image_text_splits(self.config, model)
-
-    def collate(self, samples: list) -> dict:
-        return collate_images_and_texts(samples)
+    def prompts_and_targets(self, batch: dict) -> tuple[list[str], list[dict]]:
+        """The prompt each sample's image is generated from and the attributes that image should show."""
+        return self.training_captions(batch), batch["attributes"]
 
     def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        captions = [c[0] for c in batch["captions"]] if self.config.data.caption_choice == "first" else batch["caption"]
-        return model(batch["pixel_values"], captions)
+        prompts, _ = self.prompts_and_targets(batch)
+        return model(batch["pixel_values"], prompts)
 
-    def prompts_and_targets(self, dataset) -> tuple[list[str], list[dict]]:
-        """Evaluation prompts: ``eval.prompts`` when given, else the first caption of each split record."""
+    def evaluation_prompts(self, dataset) -> tuple[list[str], list[dict]]:
+        """``eval.prompts`` when given, else the first caption and the attributes of the split's first records."""
         cfg = self.config
         if cfg.eval.prompts:
             return list(cfg.eval.prompts), [{} for _ in cfg.eval.prompts]
@@ -78,7 +73,7 @@ class DiffusionTask(Task):
     def evaluate(self, model, dataset, out_dir: Path, split: str) -> dict[str, float]:
         cfg = self.config
         out_dir.mkdir(parents=True, exist_ok=True)
-        prompts, targets = self.prompts_and_targets(dataset)
+        prompts, targets = self.evaluation_prompts(dataset)
         metrics: dict = {}
         generated: dict[str, list] = {}
         for spec in cfg.eval.samplers:
@@ -112,10 +107,9 @@ class DiffusionTask(Task):
 
     def round_trip(self, images: list, targets: list[dict]) -> float:
         """Caption the generated images with a shapes captioner: the share whose main shape matches the prompt."""
-        from mmlm.api import load_vlm
         from mmlm.data.shapes import parse_caption
 
-        captioner = load_vlm(self.config.eval.captioner)
+        captioner = load_vision_language_model(self.config.eval.captioner)
         hits = 0
         for caption, target in zip(captioner.caption(images), targets):
             shapes = parse_caption(caption, self.config.data.shapes.language) or []

@@ -43,20 +43,22 @@ class VisionConfig:
 
     name: str = "resnet10t"
     pretrained: bool = False  # timm weights from the Hub
-    weights_path: str | None = None  # local .safetensors / .pth / .bin (loaded by timm, weights_only)
+    weights_path: str | None = None  # local .safetensors / .pth / .bin (read by mmlm.safety: tensors only)
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # timm.create_model overrides (img_size, depth, ...)
     feature_layer: int | None = None  # ViT block index (negative from the end); None = last layer, normed
     features_only_stage: int | None = None  # CNN stage index via features_only/out_indices (e.g. 2 = stride 8)
     keep_prefix_tokens: bool = False  # keep the ViT class/register tokens
     pos_embed_2d: bool = False  # learned position embedding added to the image tokens
-    freeze: bool = False  # freeze the timm backbone (the added position embedding stays trainable)
-    image_size: int | None = None  # input resolution; None = kwargs['img_size'] or timm's pretrained_cfg
+    freeze: bool = False  # no gradients, eval mode kept (BatchNorm, dropout); pos_embed_2d stays trainable
+    # input resolution, passed to timm as img_size where the model takes one (ViTs);
+    # None = kwargs['img_size'] or timm's pretrained_cfg
+    image_size: int | None = None
     # Any aspect ratio -> the input size: "pad" (default, as LLaVA-1.5) scales the long side and pads the
     # rest with the mean colour: the whole image, undistorted; "squash" stretches it to the size: the whole
     # image, distorted; "crop" scales the short side and centre-crops: the edges of a non-square image are
     # lost ("on the left" may no longer be true). Square images give the same tensor in all three.
     resize: str = "pad"
-    crop_pct: float = 1.0  # scale 1/crop_pct, then crop back to size; 1.0 keeps the whole image (timm's ImageNet: 0.875)
+    crop_pct: float = 1.0  # scale by 1/crop_pct, crop back to size; 1.0 keeps the whole image (ImageNet: 0.875)
     # Train-time augmentation: "none"; "crop" (true) a mild random-resized crop; "affine" small rotations
     # (+-10 deg), shifts (+-10%) and scaling (0.9-1.1), e.g. for handwriting. Never flips or colour
     # jitter: they change what a caption says ("on the left", "red").
@@ -241,6 +243,14 @@ def _create_backbone(config: VisionConfig) -> nn.Module:
                                             "custom_load": False}
         pretrained = True
     try:
+        if config.image_size is not None and "img_size" not in kwargs:
+            # ViTs build their patch grid / position table for one size (timm resamples pretrained ones);
+            # CNNs take any size and have no img_size argument.
+            try:
+                return timm.create_model(config.name, pretrained=pretrained, img_size=config.image_size, **kwargs)
+            except TypeError as err:
+                if "img_size" not in str(err):
+                    raise
         return timm.create_model(config.name, pretrained=pretrained, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):

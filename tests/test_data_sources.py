@@ -254,7 +254,7 @@ def test_image_text_dataset_items_and_epoch_caption_choice():
     records = [Record(image, [f"c{i}-{k}" for k in range(4)], label="l", attributes={"n": i}) for i in range(30)]
     dataset = ImageTextDataset(records, to_tensor)
     item = dataset[3]
-    assert set(item) == {"pixel_values", "caption", "captions", "label", "attributes", "index"}
+    assert set(item) == {"pixel_values", "caption", "captions", "prompt", "label", "attributes", "index"}
     assert item["caption"] == "c3-0" and item["index"] == 3 and item["pixel_values"].shape == (4, 4, 3)
     dataset.set_epoch(1)
     epoch1 = [dataset[i]["caption"] for i in range(30)]
@@ -277,9 +277,10 @@ def test_skip_policy_substitutes_and_records_across_workers(folder):
     batches = list(loader)
     assert [c for b in batches for c in b["caption"]] == ["0.png", "1.png", "1.png", "0.png", "0.png", "0.png"]
     assert batches[0]["index"] == [0, 2] and batches[0]["pixel_values"].shape == (2, 6, 8, 3)
-    skipped = dict(dataset.skipped)
+    skipped = {source.split(" ")[0]: reason for source, reason in dataset.skipped}
     assert sorted(skipped) == ["m:1", "m:3", "m:5"] and skipped["m:3"] == "file not found"
     assert skipped["m:1"].startswith("corrupt or truncated") and skipped["m:5"].startswith("corrupt or truncated")
+    assert dict(dataset.skipped)[f"m:3 ({folder / 'img' / 'missing.png'})"] == "file not found"  # the file, named
     all_bad = ImageTextDataset(records[1:2], on_bad_image="skip")
     with pytest.raises(DataError, match="every one of the 1 images is bad"):
         all_bad[0]
@@ -329,7 +330,7 @@ def test_summarize_and_inspect_report_every_bad_row(folder):
     assert "records: 3" in report and "8x6" in report and "RGB" in report
     assert "bad rows: 3" in report
     assert "m.jsonl:2: invalid JSON" in report and "m.jsonl:4: image file not found" in report
-    assert "m.jsonl:3: corrupt or truncated" in report
+    assert f"m.jsonl:3 ({folder / 'img' / 'bad.png'}): corrupt or truncated" in report
     summary = summarize([Record(folder / "img" / "0.png", ["one two three"], label="a")])
     assert summary["records"] == 1 and summary["caption_length"]["max"] == 3 and summary["labels"] == {"a": 1}
 

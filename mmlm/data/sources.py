@@ -139,6 +139,9 @@ def _record_from_row(row: Any, root: Path, where: str, label_field: str, allow_a
     if "image" not in row:
         raise DataError(f"{where}: missing key 'image' (found keys: {', '.join(map(str, row)) or 'none'})")
     captions = _captions_from(row, where)
+    prompt = row.get("prompt")
+    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):  # kept in attributes["prompt"]
+        raise DataError(f"{where}: 'prompt' must be a non-empty string (the row's own question), got {prompt!r:.80}")
     label = _label_from(row, label_field, where)
     if label is None and isinstance(row.get("attributes"), dict):  # e.g. label_field="colour" in a shapes manifest
         label = _label_from(row["attributes"], label_field, where)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import textwrap
@@ -77,7 +78,8 @@ def cmd_train(args) -> int:
     if args.output_dir:
         config.output_dir = args.output_dir
     result = train(config, resume=args.resume)
-    print(json.dumps(result, indent=2, default=str))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch: printed once, by the main process
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 
@@ -201,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         mmlm train configs/shapes_captioner.yaml
         mmlm train configs/shapes_captioner.yaml train.lr=3e-4 data.batch_size=32 --output-dir runs/cap
         mmlm train configs/shapes_captioner.yaml --resume      # continue from the last complete checkpoint
-        accelerate launch -m mmlm.cli train configs/shapes_diffusion.yaml   # multi-GPU
+        accelerate launch --multi_gpu --num_processes 8 -m mmlm.cli train configs/shapes_diffusion.yaml   # 8 GPUs
+        torchrun --nproc_per_node 2 -m mmlm.cli train configs/shapes_captioner.yaml   # 2 CPU processes (`accelerate launch --cpu` starts one)
     """))
     p.add_argument("config", help="recipe YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides: section.key=value")

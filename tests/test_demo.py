@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from mmlm.cli import main
+from demo_run import quick_demo
 
 
 def _numbers(tree, prefix=""):
@@ -17,10 +17,9 @@ def _numbers(tree, prefix=""):
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+def test_quick_demo_end_to_end(tmp_path, tmp_path_factory):
+    run = quick_demo(tmp_path_factory)  # `mmlm demo --quick --out <folder>`, once per session
+    out, printed = run.out, run.stdout
     for name in ("report.md", "report.html", "metrics.json", "captioner/model/model.safetensors",
                  "generator/model/config.json", "captioner/loss_curve.png", "generator/loss_curve.png",
                  "data_sample/manifest.jsonl"):

@@ -8,11 +8,13 @@ from PIL import Image
 from mmlm.data.conversations import (
     BadRowError,
     Conversation,
+    ConversationDataset,
     caption_conversation,
     parse_conversation,
     read_conversations,
     record_prompt,
 )
+from mmlm.data.images import BadImageError
 from mmlm.data.sources import DataError, Record
 
 
@@ -141,3 +143,21 @@ def test_caption_records_with_a_prompt_column_become_conversations():
     assert caption_conversation(plain, "a cat", "Describe.").messages[0]["content"] == "<image>\nDescribe."
     with pytest.raises(DataError, match="m.jsonl:3: 'prompt' must be a non-empty string"):
         record_prompt(Record(image="c.png", captions=["x"], attributes={"prompt": ""}, source="m.jsonl:3"))
+
+
+def test_conversation_dataset_decodes_images_and_skips_bad_ones_naming_the_file(folder):
+    (folder / "images" / "zero.png").write_bytes(b"")
+    rows = [GOOD_CHAT, llava("images/zero.png", ("human", "<image>\nHi"), ("gpt", "Hello")), GOOD_LLAVA,
+            llava(None, ("human", "Just text"), ("gpt", "Fine"))]
+    found = read_conversations(write_jsonl(folder / "d.jsonl", rows))
+    dataset = ConversationDataset(found.conversations, transform=lambda im: im.size, on_bad_image="skip")
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [item["source"] for item in items] == ["d.jsonl:1", "d.jsonl:3", "d.jsonl:3", "d.jsonl:4"]
+    assert items[0]["pixel_values"] == [(4, 4), (4, 4)] and items[0]["num_images"] == 2
+    assert items[0]["messages"][1] == {"role": "user", "content": "<image>\n<image>\nSame colour?"}
+    assert items[3]["pixel_values"] == [] and items[3]["num_images"] == 0
+    assert dataset.skipped == [(f"d.jsonl:2 ({(folder / 'images' / 'zero.png').resolve()})", "empty file (0 bytes)")]
+    with pytest.raises(BadImageError, match=r"zero\.png: empty file \(0 bytes\) \(row d.jsonl:2\)"):
+        ConversationDataset(found.conversations)[1]
+    with pytest.raises(DataError, match=r"d.jsonl:1: 2 images, more than max_images=1"):
+        ConversationDataset(found.conversations, max_images=1)

@@ -15,6 +15,7 @@ its line and its image file(s): an ``<image>`` count that does not match the ima
 unknown role, an empty message, a missing image file. Under ``on_bad_row="skip"`` bad rows are left out and
 listed in ``ConversationSet.skipped`` as ``{"source", "image", "reason"}``.
 
+``ConversationDataset`` decodes the images of each conversation safely (``on_bad_image`` as for captions).
 ``caption_conversation`` turns a plain caption record (with its optional per-sample ``prompt``) into the same
 form, so caption manifests and conversations train through one path.
 """
@@ -24,8 +25,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
+from torch.utils.data import Dataset
+
+from .datasets import BAD_IMAGE_POLICIES, SkipLog, WorkerProgress
+from .images import DEFAULT_MAX_PIXELS, BadImageError, load_image
 from .sources import DataError, Record, _check_unicode, _decode_utf8, _resolve_image
 
 IMAGE_TOKEN = "<image>"
@@ -280,6 +285,70 @@ def caption_conversation(record: Record, caption: str, default_prompt: str = "")
                         source=record.source)
 
 
-__all__ = ["BAD_ROW_POLICIES", "BadRowError", "Conversation", "ConversationSet", "IMAGE_TOKEN", "ROLES",
+# ----------------------------------------------------------------------------- dataset
+
+
+class ConversationDataset(Dataset):
+    """Map-style dataset over Conversations; images decoded safely, messages passed through.
+
+    Items: ``{"pixel_values": [one transformed image per <image> marker, in order], "messages", "num_images",
+    "source", "index"}``. Under ``on_bad_image="skip"`` a conversation with a bad image is replaced by the next
+    good one (length and sampler stay valid) and listed in ``skipped`` as ("row (file)", reason); under "error"
+    the first bad image raises a BadImageError naming the file and the row.
+    """
+
+    def __init__(self, conversations: Sequence[Conversation], transform: Callable | None = None,
+                 on_bad_image: str = "error", max_pixels: int = DEFAULT_MAX_PIXELS, *, max_images: int | None = None):
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
+        if max_images is not None:
+            over = [c for c in conversations if c.num_images > max_images]
+            if over:
+                raise DataError(f"{over[0].source}: {over[0].num_images} images, more than max_images={max_images} "
+                                f"({len(over)} conversation(s) over the limit)")
+        self.conversations, self.transform = conversations, transform
+        self.on_bad_image, self.max_pixels = on_bad_image, max_pixels
+        self._bad: set[int] = set()
+        self._log = SkipLog()
+        self.worker_progress = WorkerProgress()
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """Every skipped conversation as (source with its bad file, reason), from all worker processes."""
+        return self._log.entries()
+
+    def _decode(self, conv: Conversation) -> list[Any]:
+        self.worker_progress.start(f"{conv.source} ({', '.join(map(str, conv.images))})")
+        return [load_image(image, max_pixels=self.max_pixels) for image in conv.images]
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.conversations)
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} conversations")
+        for step in range(n):
+            i = (index + step) % n
+            if i in self._bad:
+                continue
+            conv = self.conversations[i]
+            try:
+                images = self._decode(conv)
+            except BadImageError as err:
+                if self.on_bad_image == "error":
+                    raise BadImageError(err.path, f"{err.reason} (row {conv.source})") from None
+                self._bad.add(i)
+                self._log.add(f"{conv.source} ({err.path})", err.reason)
+                continue
+            self.worker_progress.done()
+            pixels = [self.transform(image) for image in images] if self.transform else images
+            return {"pixel_values": pixels, "messages": [dict(m) for m in conv.messages],
+                    "num_images": len(images), "source": conv.source, "index": i}
+        raise DataError(f"every one of the {n} conversations has a bad image; first skipped: {self.skipped[:3]}")
+
+
+__all__ = ["BAD_ROW_POLICIES", "BadRowError", "Conversation", "ConversationDataset", "ConversationSet", "IMAGE_TOKEN",
+           "ROLES",
            "caption_conversation", "parse_conversation", "read_conversations", "record_prompt",
            "scan_conversations"]

@@ -193,7 +193,8 @@ def test_trust_remote_code_defaults_to_false_everywhere():
     """Every config field named trust_remote_code defaults to False, and no call in mmlm turns it on."""
     import mmlm.models as models
 
-    fields = [(cls.__name__, f) for cls in vars(models).values() if dataclasses.is_dataclass(cls)
+    exported = [getattr(models, name) for name in models.__all__]  # mmlm.models loads its names lazily
+    fields = [(cls.__name__, f) for cls in exported if dataclasses.is_dataclass(cls)
               for f in dataclasses.fields(cls) if f.name == "trust_remote_code"]
     assert fields, "expected LanguageConfig.trust_remote_code"
     assert all(f.default is False for _, f in fields), fields

@@ -14,8 +14,8 @@ those the scene can answer, then an answer uniformly among that family's possibl
 that answer: yes and no are equally likely for ``exists``, and counts are not biased towards 1.
 
 The questions of image ``i`` are drawn together (distinct) from a Generator seeded by ``(seed, split, i)``, over
-the shapes record ``i`` of the same split (the same image the captioning data shows). Outside the ``compositional`` split no
-question or answer names a pair of ``HELD_OUT_PAIRS``; in it, every question is about
+the shapes record ``i`` of the same split (the same image the captioning data shows). Outside the
+``compositional`` split no question or answer names a pair of ``HELD_OUT_PAIRS``; in it, every question is about
 a held-out pair (its subject, its answer, or a shape it counts).
 """
 

@@ -1,8 +1,9 @@
 """VQAv2-style accuracy: answers normalised as the official VQA evaluation does, then matched exactly.
 
 English (the VQA eval script's steps): lowercase; punctuation removed (dropped when next to a space or when
-the text has a comma between digits, else it splits words; a period is kept before a digit); number words to digits ("two" -> "2", "none" -> "0"); the articles
-a / an / the removed; common contractions restored ("dont" -> "don't"); whitespace collapsed.
+the text has a comma between digits, else it splits words; a period is kept before a digit); number words to
+digits ("two" -> "2", "none" -> "0"); the articles a / an / the removed; common contractions restored
+("dont" -> "don't"); whitespace collapsed.
 Chinese (any answer holding a CJK character): spaces and punctuation (CJK and ASCII) removed, a lone numeral
 with an optional measure word to digits ("两个" -> "2", "三" -> "3").
 

@@ -10,6 +10,10 @@ in ``input_ids`` and their embeddings are replaced by the projected image tokens
 ``input_ids``, ``attention_mask`` and ``labels`` always line up position by position.
 Training pads on the right, generation on the left; positions come from the attention mask,
 so padding never shifts them. Labels are -100 everywhere except the answer and its EOS.
+
+This file holds the model (config, build, embed, forward, save/load, training tokenisation).
+Decoding lives in ``mmlm.models.generation``, label scoring in ``mmlm.models.scoring``; the
+``caption`` / ``classify`` methods here delegate to them.
 """
 
 from __future__ import annotations

@@ -53,6 +53,10 @@ def test_vlm_recipe_trains_and_evaluates(name, tmp_path):
         assert 0.0 <= result[f"{split}/{metric}"] <= 1.0, split
     records = [json.loads(line) for line in Path(result["metrics_file"]).read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    # the recipe learns: two updates take the loss well below the untrained model's (step 1, before any update);
+    # measured 5.97 -> 5.21 (shapes captioner), 5.66 -> 4.81 (shapes classifier), 5.65 -> 4.33 (digits)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < 0.95 * losses[0], f"{name}: training loss did not fall: {losses}"
     assert (Path(result["model_dir"]) / "model.safetensors").is_file()
 
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 from torch import nn
 
-from mmlm.config import ConfigError
+from mmlm.config import ConfigError, TrainConfig
 from mmlm.train.errors import TrainingError
 
 
@@ -47,6 +48,28 @@ def has_accelerator() -> bool:
     if hasattr(torch, "accelerator"):
         return torch.accelerator.is_available()
     return torch.cuda.is_available()
+
+
+def build_accelerator(train: TrainConfig, output_dir: Path) -> Accelerator:
+    """The run's Accelerator: precision, accumulation, seedable data order; checks the launch is coherent."""
+    if launched_processes() == 1:
+        reset_accelerate_state()  # several runs in one process (the demo, notebooks) each get their own settings
+    # accelerate treats a plain torchrun on a CPU-only machine as one process unless told cpu=True
+    cpu_processes = launched_processes() > 1 and not has_accelerator()
+    accelerator = Accelerator(
+        cpu=cpu_processes,
+        gradient_accumulation_steps=train.grad_accum_steps,
+        mixed_precision=resolve_mixed_precision(train.mixed_precision),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
+        project_dir=str(output_dir),
+        step_scheduler_with_optimizer=False,  # we step it once per update, whatever the process count
+    )
+    if launched_processes() != accelerator.num_processes:
+        raise TrainingError(
+            f"launched as {launched_processes()} processes but accelerate runs {accelerator.num_processes} "
+            f"({accelerator.distributed_type}); every process would train alone and overwrite the others' files"
+        )
+    return accelerator
 
 
 def any_failed(accelerator: Accelerator, error: BaseException | None) -> bool:

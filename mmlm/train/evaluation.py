@@ -117,5 +117,8 @@ def keep_best(trainer: Trainer, metrics: dict[str, float]) -> None:
         return
     trainer.best_value, trainer.best_step = metrics[name], trainer.step
     record = {"metric": name, "value": trainer.best_value, "step": trainer.step}
-    save = lambda: ckpt.save_model(trainer.task, trainer.unwrapped, trainer.ema, trainer.output_dir / "best", record)  # noqa: E731
+
+    def save() -> None:
+        ckpt.save_model(trainer.task, trainer.unwrapped, trainer.ema, trainer.output_dir / "best", record)
+
     run_on_main(trainer.accelerator, "saving the best model", save, trainer.step)

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
@@ -41,9 +40,8 @@ from mmlm.data.datasets import guard_workers
 from mmlm.train import checkpoint as ckpt
 from mmlm.train import evaluation
 from mmlm.train.distributed import (
+    build_accelerator,
     clip_gradients,
-    has_accelerator,
-    launched_processes,
     mean_loss_and_elapsed,
     optimizer_step,
     reset_accelerate_state,
@@ -93,23 +91,7 @@ class Trainer:
         if train.num_threads:
             torch.set_num_threads(train.num_threads)
 
-        if launched_processes() == 1:
-            reset_accelerate_state()  # several runs in one process (the demo, notebooks) each get their own settings
-        # accelerate treats a plain torchrun on a CPU-only machine as one process unless told cpu=True
-        cpu_processes = launched_processes() > 1 and not has_accelerator()
-        self.accelerator = Accelerator(
-            cpu=cpu_processes,
-            gradient_accumulation_steps=train.grad_accum_steps,
-            mixed_precision=resolve_mixed_precision(train.mixed_precision),
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
-            project_dir=str(self.output_dir),
-            step_scheduler_with_optimizer=False,  # we step it once per update, whatever the process count
-        )
-        if launched_processes() != self.accelerator.num_processes:
-            raise TrainingError(
-                f"launched as {launched_processes()} processes but accelerate runs {self.accelerator.num_processes} "
-                f"({self.accelerator.distributed_type}); every process would train alone and overwrite the others' files"
-            )
+        self.accelerator = build_accelerator(train, self.output_dir)
         self.is_main = self.accelerator.is_main_process
         resume_from = ckpt.find_resume_checkpoint(resume, self.output_dir)
 
@@ -119,9 +101,11 @@ class Trainer:
             raise TypeError(f"{type(task).__name__}.build_model must return an nn.Module, got {type(model).__name__}")
         self.datasets = dict(task.build_datasets(model))
         if "train" not in self.datasets:
-            raise ValueError(f"{type(task).__name__}.build_datasets returned {sorted(self.datasets)}; 'train' is required")
+            raise ValueError(f"{type(task).__name__}.build_datasets returned {sorted(self.datasets)}; "
+                             "'train' is required")
         if train.best_metric is not None and "val" not in self.datasets:
-            raise ConfigError(f"train.best_metric={train.best_metric!r} needs a 'val' split; the task has {sorted(self.datasets)}")
+            raise ConfigError(f"train.best_metric={train.best_metric!r} needs a 'val' split; "
+                              f"the task has {sorted(self.datasets)}")
         if train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         optimizer = build_optimizer(model, task.trainable_groups(model), train)
@@ -129,12 +113,12 @@ class Trainer:
         self._loader_generator = torch.Generator().manual_seed(train.seed)
         self.train_loader = self.accelerator.prepare(self._build_train_loader())
         self.micro_batches_per_epoch = self._micro_batches_per_epoch()
-        self.steps_per_epoch = (
-            None if self.micro_batches_per_epoch is None else math.ceil(self.micro_batches_per_epoch / train.grad_accum_steps)
-        )
+        per_epoch = self.micro_batches_per_epoch
+        self.steps_per_epoch = None if per_epoch is None else math.ceil(per_epoch / train.grad_accum_steps)
         self.total_steps = self._total_steps()
         if train.schedule == "cosine" and self.total_steps is None and train.max_minutes is None:
-            raise ConfigError("train.schedule='cosine' needs max_steps or max_minutes when the train split has no length")
+            raise ConfigError("train.schedule='cosine' needs max_steps or max_minutes when the train split "
+                              "has no length")
 
         self.schedule = WarmupDecaySchedule(
             optimizer, warmup_steps=train.warmup_steps, schedule=train.schedule,
@@ -329,7 +313,8 @@ class Trainer:
             if not math.isfinite(self._last_loss):
                 raise NonFiniteLossError(
                     f"loss is {self._last_loss} at step {self.step + 1} (epoch {self.epoch}); the optimiser did not "
-                    f"step on it. Last good checkpoint: {self.last_checkpoint or 'none (no checkpoint was written yet)'}"
+                    "step on it. Last good checkpoint: "
+                    f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}"
                 )
             if train.max_grad_norm is not None:
                 self._grad_norm = clip_gradients(acc, self.model, self.optimizer, train.max_grad_norm)

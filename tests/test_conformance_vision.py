@@ -88,6 +88,21 @@ def test_register_and_class_tokens_are_dropped_unless_kept(encoders):
     assert kept.num_tokens == grid + 5
 
 
+VITS = ["vit_cls", "vit_avg", "siglip", "vit_reg", "vit_reg_gap"]
+
+
+@pytest.mark.parametrize("case", VITS)
+@pytest.mark.parametrize("select", [{"feature_layer": -2}, {"feature_layer": -1, "keep_prefix_tokens": True}])
+def test_intermediate_layers_train_every_kept_parameter(case, select):
+    """LLaVA's layer -2 (and prefix tokens kept): later blocks and heads pruned, the rest all get gradients."""
+    encoder = VisionEncoder(vision_config(case, "override", **select)).train()
+    grid = (encoder.data_config["input_size"][1] // encoder.backbone.patch_embed.patch_size[0]) ** 2
+    assert encoder.num_tokens == grid + (encoder.num_prefix_tokens if select.get("keep_prefix_tokens") else 0)
+    encoder(torch.randn(2, *encoder.data_config["input_size"])).square().mean().backward()
+    assert [n for n, p in encoder.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert encoder.unused_parameters == []
+
+
 def test_an_unused_parameter_the_probe_finds_is_frozen():
     """A timm model with a parameter outside the token path (here: one added by hand) trains under DDP."""
     encoder = VisionEncoder(VisionConfig(name="resnet10t", image_size=32))

@@ -168,11 +168,12 @@ class VisionEncoder(nn.Module):
 
     def _tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self._uses_intermediates:
+            with_prefix = self.config.keep_prefix_tokens and self.num_prefix_tokens > 0  # SigLIP has none
             out = self.backbone.forward_intermediates(
                 pixel_values, indices=[self._take_index], output_fmt="NLC", intermediates_only=True,
-                return_prefix_tokens=self.config.keep_prefix_tokens,
+                return_prefix_tokens=with_prefix,
             )[0]
-            if self.config.keep_prefix_tokens:
+            if with_prefix:
                 spatial, prefix = out
                 return torch.cat([prefix, spatial], dim=1) if prefix is not None else spatial
             return out

@@ -129,7 +129,9 @@ class DenoiserConfig:
             if self.hidden_size % self.num_heads:
                 raise ConfigError(f"denoiser.hidden_size ({self.hidden_size}) must be a multiple of num_heads")
             if self.pooled_text:
-                raise ConfigError("denoiser.pooled_text: supported by kind 'unet' only; leave it null for 'transformer'")
+                raise ConfigError(
+                    "denoiser.pooled_text: supported by kind 'unet' only; leave it null for 'transformer'"
+                )
 
     @property
     def uses_pooled_text(self) -> bool:

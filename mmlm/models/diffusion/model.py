@@ -158,7 +158,8 @@ class TextToImage(nn.Module):
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file}: not found; expected a folder written by TextToImage.save_pretrained")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        class_name = meta.get("model_class", meta.get("_class_name"))  # "_class_name": folders saved before the key was unified with the VLM
+        # "_class_name": the key of folders saved before the generator took the VLM's "model_class".
+        class_name = meta.get("model_class", meta.get("_class_name"))
         if class_name != cls.__name__:
             raise ValueError(f"{meta_file}: model_class is {class_name!r}, expected {cls.__name__!r}")
         config = from_dict(TextToImageConfig, meta["config"], where="model")

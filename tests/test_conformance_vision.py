@@ -147,6 +147,16 @@ def test_a_non_square_image_keeps_its_edges_with_squash_and_pad(resize, bar_kept
         torch.testing.assert_close(pixels[:, :14], torch.zeros(3, 14, 64), atol=0.03, rtol=0)
 
 
+@pytest.mark.parametrize("resize", ["squash", "pad"])
+def test_the_random_crop_augmentation_starts_from_the_whole_image(resize):
+    encoder = VisionEncoder(VisionConfig(name="resnet10t", image_size=64, resize=resize, augment="crop"))
+    transform = encoder.image_transform(train=True)
+    torch.manual_seed(0)
+    views = [transform(red_bar_image()) for _ in range(8)]
+    assert all(v.shape == (3, 64, 64) for v in views)
+    assert sum(bool(red_pixels(v, encoder).any()) for v in views) >= 4  # resize="crop": 0 of 8 keep the bar
+
+
 def test_pad_is_the_default_and_square_images_are_unchanged_by_the_mode():
     assert VisionConfig().resize == "pad"
     square = Image.new("RGB", (80, 80), "white")

@@ -215,6 +215,8 @@ class VisionEncoder(nn.Module):
                 input_size=cfg["input_size"], is_training=True, scale=(0.8, 1.0), ratio=(0.9, 1.1), hflip=0.0,
                 color_jitter=0.0, interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
             )
+            if self.config.resize != "crop":  # the random crop starts from the whole image, squashed or padded
+                transform = T.Compose([self._whole_image(), transform])
         else:
             transform = timm.data.create_transform(
                 input_size=cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
@@ -223,6 +225,19 @@ class VisionEncoder(nn.Module):
             if train and self.config.augment == "affine":
                 transform = T.Compose([SmallAffine(), transform])
         return ImageTransform(transform)
+
+    def _whole_image(self) -> Callable:
+        """PIL image of any aspect ratio -> the input size, squashed or padded with the mean colour
+        (the first steps of timm's "squash" / "border" eval transforms)."""
+        from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio, str_to_interp_mode
+
+        size = tuple(self.data_config["input_size"][1:])
+        interpolation = self.data_config["interpolation"]
+        if self.config.resize == "squash":
+            return T.Resize(size, interpolation=str_to_interp_mode(interpolation))
+        fill = tuple(round(255 * v) for v in self.data_config["mean"])
+        return T.Compose([ResizeKeepRatio(size, longest=1.0, interpolation=interpolation),
+                          CenterCropOrPad(size, fill=fill)])
 
     def enable_gradient_checkpointing(self) -> None:
         if hasattr(self.backbone, "set_grad_checkpointing"):

@@ -30,6 +30,13 @@ SCENE = [shape("circle", "red", "left"), shape("square", "blue", "center"), shap
          shape("circle", "orange", "right")]
 
 
+def qa(data, index):
+    """Item ``index`` without its image: {"question", "answer", "family", "language", "shapes"}."""
+    q, language, shapes = data.question(index)
+    return {"question": render_question(q, language), "answer": render_answer(q, language), "family": q.family,
+            "language": language, "shapes": shapes}
+
+
 def texts(family, scene=SCENE, language="en", **kw):
     return {render_question(q, language): render_answer(q, language) for q in scene_questions(scene, family, **kw)}
 
@@ -78,10 +85,10 @@ def test_relation_skips_ambiguous_sides_and_names():
 
 def test_answers_are_computed_from_each_scene():
     """Every item's answer agrees with the scene its own canonical caption describes."""
-    data = ShapesVQADataset(40, split="test", config=CFG, questions_per_image=3)
+    data = ShapesVQADataset(100, split="test", config=CFG, questions_per_image=3)
     for i in range(len(data)):
-        item = data[i]
-        shapes = item["attributes"]["shapes"]
+        item = qa(data, i)
+        shapes = item["shapes"]
         family, answer = item["family"], item["answer"]
         if family == "count":
             kind = item["question"].split()[2].rstrip("s")
@@ -111,6 +118,7 @@ def test_items_match_the_sample_dict_style_and_are_deterministic():
     assert item["messages"] == [{"role": "user", "content": "<image>\n" + item["question"]},
                                 {"role": "assistant", "content": item["answer"]}]
     assert torch.equal(item["pixel_values"], torch.zeros(3))
+    assert item["attributes"]["shapes"] == qa(data, 3)["shapes"]  # the cheap scene is the drawn record's
     again = ShapesVQADataset(6, split="val", config=CFG, questions_per_image=2)
     assert [again[i]["question"] for i in range(12)] == [data[i]["question"] for i in range(12)]
     assert again[2]["question"] != again[3]["question"]  # the questions of one image are distinct
@@ -123,7 +131,7 @@ def test_items_match_the_sample_dict_style_and_are_deterministic():
 
 def test_families_and_answers_are_balanced():
     data = ShapesVQADataset(300, split="train", config=CFG, questions_per_image=2)
-    items = [data[i] for i in range(len(data))]
+    items = [qa(data, i) for i in range(len(data))]
     families = Counter(item["family"] for item in items)
     assert set(families) == set(FAMILIES)
     assert min(families[f] for f in ("colour", "kind_at", "count", "exists")) > len(items) / 10
@@ -135,13 +143,13 @@ def test_compositional_split_asks_about_held_out_pairs_and_train_never_names_the
     held = {f"{c} {k}" for c, k in HELD_OUT_PAIRS}
     train = ShapesVQADataset(200, split="train", config=CFG, questions_per_image=2)
     for i in range(len(train)):
-        item = train[i]
+        item = qa(train, i)
         assert not any(pair in item["question"] + " " + item["answer"] for pair in held)
     comp = ShapesVQADataset(100, split="compositional", config=CFG, questions_per_image=2)
     checked = Counter()
     for i in range(len(comp)):
-        item = comp[i]
-        shapes = item["attributes"]["shapes"]
+        item = qa(comp, i)
+        shapes = item["shapes"]
         if item["family"] == "colour":  # the shape asked about is a held-out pair
             kind = item["question"].split()[-1].rstrip("?")
             assert (item["answer"], kind) in HELD_OUT_PAIRS
@@ -155,14 +163,15 @@ def test_compositional_split_asks_about_held_out_pairs_and_train_never_names_the
         checked[item["family"]] += 1
     assert checked["colour"] > 5 and checked["kind_at"] > 5
     with pytest.raises(ValueError, match="no question of families"):  # a scene with two circles has no colour one
-        ShapesVQADataset(len(comp), split="compositional", config=CFG, families=["colour"])[2]
+        ShapesVQADataset(len(comp), split="compositional", config=CFG, families=["colour"]).question(2)
 
 
 def test_chinese_and_mixed_languages():
     zh = ShapesVQADataset(10, split="test", config=CFG, language="zh")
-    assert all(zh[i]["language"] == "zh" and zh[i]["question"].endswith("？") for i in range(10))
+    assert all(qa(zh, i)["language"] == "zh" and qa(zh, i)["question"].endswith("？") for i in range(10))
+    assert zh[0]["language"] == "zh" and zh[0]["question"] == qa(zh, 0)["question"]
     mixed = ShapesVQADataset(40, split="test", config=CFG, language="mixed")
-    assert {mixed[i]["language"] for i in range(40)} == {"en", "zh"}
+    assert {qa(mixed, i)["language"] for i in range(40)} == {"en", "zh"}
 
 
 def test_draw_questions_gives_fewer_when_the_scene_has_fewer():

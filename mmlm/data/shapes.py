@@ -163,6 +163,16 @@ def render_shapes(shapes: list[dict], rng: np.random.Generator, image_size: int 
     return Image.fromarray(np.clip(np.asarray(small, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
 
 
+def scene_shapes(index: int, *, split: str = "train", config: ShapesConfig | None = None,
+                 seed: int | None = None) -> list[dict]:
+    """The shapes of sample ``index`` (as in ``make_shapes_record(...).attributes["shapes"]``), without drawing it."""
+    cfg = config or ShapesConfig()
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"shapes split: expected one of {SPLITS}, got {split!r}")
+    return _sample_shapes(np.random.default_rng([cfg.seed if seed is None else seed, _SPLIT_IDS[split], index]),
+                          cfg, split)
+
+
 def make_shapes_record(index: int, *, split: str = "train", config: ShapesConfig | None = None,
                        seed: int | None = None) -> Record:
     """Sample ``index`` of ``split``: the same bytes for the same (seed, split, index), whatever else is drawn."""

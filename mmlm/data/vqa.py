@@ -29,7 +29,8 @@ from torch.utils.data import Dataset
 
 from mmlm.config import ShapesConfig
 
-from .shapes import CELLS, COLOURS, HELD_OUT_PAIRS, SHAPE_KINDS, SPLITS, ZH_WORDS, ShapesRecords
+from .shapes import (CELLS, COLOURS, HELD_OUT_PAIRS, SHAPE_KINDS, SPLITS, ZH_WORDS, ShapesRecords,
+                     scene_shapes)
 
 FAMILIES = ("colour", "kind_at", "count", "exists", "relation")
 LANGUAGES = ("en", "zh", "mixed")
@@ -250,12 +251,14 @@ class ShapesVQADataset(Dataset):
     def __len__(self) -> int:
         return len(self.records) * self.questions_per_image
 
-    def question(self, index: int) -> tuple[Question, str, dict]:
-        """(question, language, shapes record) of item ``index``; the record's image is not transformed."""
+    def question(self, index: int) -> tuple[Question, str, list[dict]]:
+        """(question, language, the scene's shapes) of item ``index``, without drawing its image (cheap)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"VQA item {index} out of range for {len(self)} items")
         image_index, slot = divmod(index, self.questions_per_image)
-        record = self.records[image_index]
+        shapes = scene_shapes(image_index, split=self.split, config=self.config, seed=self.records.seed)
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), image_index, _STREAM])
-        questions = draw_questions(record.attributes["shapes"], rng, self.questions_per_image,
+        questions = draw_questions(shapes, rng, self.questions_per_image,
                                    families=self.families, compositional=self.split == "compositional")
         if not questions:
             raise ValueError(f"shapes[{self.split}]:{image_index}: no question of families {self.families} "
@@ -264,12 +267,11 @@ class ShapesVQADataset(Dataset):
         if language == "mixed":
             language = ("en", "zh")[int(np.random.default_rng([self.seed, SPLITS.index(self.split), index,
                                                                  _STREAM, 1]).integers(2))]
-        return questions[min(slot, len(questions) - 1)], language, record
+        return questions[min(slot, len(questions) - 1)], language, shapes
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self):
-            raise IndexError(f"VQA item {index} out of range for {len(self)} items")
-        question, language, record = self.question(index)
+        question, language, _ = self.question(index)
+        record = self.records[index // self.questions_per_image]
         text, answer = render_question(question, language), render_answer(question, language)
         return {"pixel_values": self.transform(record.image) if self.transform else record.image,
                 "prompt": text, "question": text, "answer": answer, "answers": [answer],

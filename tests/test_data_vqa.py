@@ -119,6 +119,9 @@ def test_items_match_the_sample_dict_style_and_are_deterministic():
                                 {"role": "assistant", "content": item["answer"]}]
     assert torch.equal(item["pixel_values"], torch.zeros(3))
     assert item["attributes"]["shapes"] == qa(data, 3)["shapes"]  # the cheap scene is the drawn record's
+    plain = data.with_transform(None)
+    assert plain[3]["question"] == item["question"] and not isinstance(plain[3]["pixel_values"], torch.Tensor)
+    assert isinstance(data[3]["pixel_values"], torch.Tensor)
     again = ShapesVQADataset(6, split="val", config=CFG, questions_per_image=2)
     assert [again[i]["question"] for i in range(12)] == [data[i]["question"] for i in range(12)]
     assert again[2]["question"] != again[3]["question"]  # the questions of one image are distinct

@@ -21,6 +21,7 @@ a held-out pair (its subject, its answer, or a shape it counts).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -226,7 +227,7 @@ class ShapesVQADataset(Dataset):
     """Questions and answers over the shapes images: ``questions_per_image`` items per image.
 
     Item ``i`` is question ``i % questions_per_image`` of image ``i // questions_per_image``; a scene that has
-    fewer distinct questions than that repeats its last one (cannot happen with the default families).
+    fewer distinct questions than that repeats its last one (with every family: only beyond 26 per image).
     Items (the keys of ``ImageTextDataset`` plus the question's): ``{"pixel_values", "prompt", "question",
     "answer", "answers", "caption", "captions", "family", "language", "label", "attributes", "messages",
     "index", "image_index"}``; ``caption``/``captions`` hold the answer (the target text), ``prompt`` and
@@ -250,6 +251,12 @@ class ShapesVQADataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records) * self.questions_per_image
+
+    def with_transform(self, transform: Callable | None) -> "ShapesVQADataset":
+        """The same questions with another image transform (as ``ImageTextDataset.with_transform``)."""
+        clone = copy.copy(self)
+        clone.transform = transform
+        return clone
 
     def question(self, index: int) -> tuple[Question, str, list[dict]]:
         """(question, language, the scene's shapes) of item ``index``, without drawing its image (cheap)."""

@@ -44,7 +44,7 @@ class VisionConfig:
     name: str = "resnet10t"
     pretrained: bool = False  # timm weights from the Hub
     weights_path: str | None = None  # local .safetensors / .pth / .bin (read by mmlm.safety: tensors only)
-    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # timm.create_model overrides (img_size, depth, ...)
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # timm.create_model overrides (depth, ...)
     feature_layer: int | None = None  # ViT block index (negative from the end); None = last layer, normed
     features_only_stage: int | None = None  # CNN stage index via features_only/out_indices (e.g. 2 = stride 8)
     keep_prefix_tokens: bool = False  # keep the ViT class/register tokens

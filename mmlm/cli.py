@@ -301,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow the flags (`train cfg.yaml --output-dir x train.lr=1e-3`): argparse leaves them over.
+    if extra and hasattr(args, "overrides") and not any(item.startswith("-") for item in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -171,16 +171,21 @@ def tiny_run(tmp_path_factory):
     return folder
 
 
+def _result(out: str) -> dict:
+    """The JSON result `mmlm train` prints last (after the run's own progress lines)."""
+    return json.loads(out[out.index("{\n"):])
+
+
 def test_train_overrides_and_resume(tiny_run, capsys):
     run = tiny_run / "run"
     assert (run / "config.yaml").read_text().count("lr: 0.002") == 1
     capsys.readouterr()
     argv = ["train", str(tiny_run / "tiny.yaml"), "train.lr=2e-3", "--output-dir", str(run)]
     assert main(argv + ["train.max_steps=4", "--resume"]) == 0  # from the last checkpoint (step 3)
-    assert json.loads(capsys.readouterr().out)["step"] == 4
+    assert _result(capsys.readouterr().out)["step"] == 4
     checkpoint = sorted((run / "checkpoints").glob("step_000003*"))[0]
     assert main(argv + ["train.max_steps=5", "--resume", str(checkpoint)]) == 0  # from a given checkpoint
-    assert json.loads(capsys.readouterr().out)["step"] == 5
+    assert _result(capsys.readouterr().out)["step"] == 5
 
 
 def test_eval_flags(tiny_run, capsys):
@@ -192,7 +197,8 @@ def test_eval_flags(tiny_run, capsys):
     assert main(["eval", str(run / "model"), "--data", str(images / "manifest.jsonl"), "--split", "train",
                  "--out", str(out), "data.caption_choice=first"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["num_samples"] == 5 == json.loads((out / "metrics.json").read_text())["num_samples"]
+    assert 1 <= metrics["num_samples"] <= 5  # the manifest's train split
+    assert metrics == json.loads((out / "metrics.json").read_text())
     assert (out / "report.md").is_file()
 
 
@@ -277,7 +283,8 @@ def test_generate_flags(tiny_generator, tmp_path, capsys):
                 + flags) == 0
     assert capsys.readouterr().out.split() == [str(grid)]
     cell = max(96, expected[0].width)
-    assert Image.open(grid).size[0] == 3 * cell and Image.open(grid).size[1] >= cell
+    width, height = Image.open(grid).size
+    assert 3 * cell <= width < 4 * cell and cell <= height < 2 * cell  # one row of 3 cells
     one = tmp_path / "one.png"
     assert main(["generate", str(tiny_generator), "a red circle", "--out", str(one)] + flags) == 0
     np.testing.assert_array_equal(_pixels(one), np.asarray(expected[0]))

@@ -177,8 +177,11 @@ def test_skip_policy_trains_on_every_good_image_and_reports_the_bad_ones(tmp_pat
     assert set(seen) == good_rows  # every good image was trained on; a bad row was replaced by a good one
     bad_rows = {f"train.jsonl:{i + 1}": n for i, n in enumerate(names) if n not in GOOD}
     skipped = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
-    assert sorted(s["source"] for s in skipped) == sorted(bad_rows)
-    reasons = {bad_rows[s["source"]]: s["reason"] for s in skipped}
+    row_of = {s["source"]: s["source"].split(" (", 1)[0] for s in skipped}  # "train.jsonl:12 (/.../x.jpg)"
+    assert sorted(row_of.values()) == sorted(bad_rows)
+    for s in skipped:  # each bad row names its image file beside its line
+        assert s["source"] == f"{row_of[s['source']]} ({tmp_path / 'images' / bad_rows[row_of[s['source']]]})"
+    reasons = {bad_rows[row_of[s["source"]]]: s["reason"] for s in skipped}
     for name, reason in reasons.items():
         assert (BAD[name][1] if name in BAD else "file not found") in reason.lower()
     assert all(s["split"] == "train" for s in skipped)

@@ -17,6 +17,7 @@ normalised. Any other parameter that a build-time probe finds without a gradient
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,8 +34,8 @@ from mmlm.safety import load_state_dict
 
 
 AUGMENTATIONS = ("none", "crop", "affine")
-# How an image of any aspect ratio becomes the encoder's input size (timm's eval crop modes).
-RESIZE_MODES = {"squash": "squash", "pad": "border", "crop": "center"}
+# How an image of any aspect ratio becomes the encoder's input size (see VisionConfig.resize).
+RESIZE_MODES = ("squash", "pad", "crop")
 
 
 @dataclasses.dataclass
@@ -217,27 +218,47 @@ class VisionEncoder(nn.Module):
             )
             if self.config.resize != "crop":  # the random crop starts from the whole image, squashed or padded
                 transform = T.Compose([self._whole_image(), transform])
-        else:
+        elif self.config.resize == "crop":
             transform = timm.data.create_transform(
                 input_size=cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
-                mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"], crop_mode=RESIZE_MODES[self.config.resize],
+                mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"], crop_mode="center",
             )
-            if train and self.config.augment == "affine":
-                transform = T.Compose([SmallAffine(), transform])
+        else:
+            size = tuple(cfg["input_size"][1:])
+            scaled = tuple(math.floor(s / cfg["crop_pct"]) for s in size)
+            transform = T.Compose([self._whole_image(scaled), T.CenterCrop(size), T.ToTensor(),
+                                   T.Normalize(mean=cfg["mean"], std=cfg["std"])])
+        if train and self.config.augment == "affine":
+            transform = T.Compose([SmallAffine(), transform])
         return ImageTransform(transform)
 
-    def _whole_image(self) -> Callable:
-        """PIL image of any aspect ratio -> the input size, squashed or padded with the mean colour
-        (the first steps of timm's "squash" / "border" eval transforms)."""
-        from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio, str_to_interp_mode
+    def _whole_image(self, size: tuple[int, int] | None = None) -> Callable:
+        """PIL image of any aspect ratio -> ``size`` (default: the input size), squashed, or scaled on its
+        long side and padded with the mean colour (timm's "squash" / "border" modes, but never scaling a
+        side of an extreme aspect ratio to 0 pixels)."""
+        from timm.data.transforms import CenterCropOrPad, str_to_interp_mode
 
-        size = tuple(self.data_config["input_size"][1:])
-        interpolation = self.data_config["interpolation"]
+        size = size or tuple(self.data_config["input_size"][1:])
+        interpolation = str_to_interp_mode(self.data_config["interpolation"])
         if self.config.resize == "squash":
-            return T.Resize(size, interpolation=str_to_interp_mode(interpolation))
+            return T.Resize(size, interpolation=interpolation)
         fill = tuple(round(255 * v) for v in self.data_config["mean"])
-        return T.Compose([ResizeKeepRatio(size, longest=1.0, interpolation=interpolation),
-                          CenterCropOrPad(size, fill=fill)])
+        return T.Compose([ResizeLongestSide(size, interpolation), CenterCropOrPad(size, fill=fill)])
+
+
+class ResizeLongestSide:
+    """Scale a PIL image so it fits inside ``size`` (h, w), keeping its aspect ratio; every side >= 1 pixel."""
+
+    def __init__(self, size: tuple[int, int], interpolation):
+        self.size, self.interpolation = size, interpolation
+
+    def __call__(self, image):
+        w, h = image.size
+        scale = min(self.size[0] / h, self.size[1] / w)
+        return TF.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], interpolation=self.interpolation)
+
+    def __repr__(self) -> str:
+        return f"ResizeLongestSide(size={self.size})"
 
     def enable_gradient_checkpointing(self) -> None:
         if hasattr(self.backbone, "set_grad_checkpointing"):

@@ -140,6 +140,7 @@ class Trainer:
         self.best_step: int | None = None
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
+        self.metrics_log: MetricsLog | None = None  # open during fit(), on the main process
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         else:

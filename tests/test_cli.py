@@ -289,5 +289,5 @@ def test_generate_flags(tiny_generator, tmp_path, capsys):
     assert main(["generate", str(tiny_generator), "a red circle", "--out", str(one)] + flags) == 0
     np.testing.assert_array_equal(_pixels(one), np.asarray(expected[0]))
     assert main(["generate", str(tiny_generator), "a red circle", "--out", str(tmp_path / "s8.png"),
-                 "--seed", "8"]) == 0
+                 "--seed", "8", "--steps", "3"]) == 0
     assert not np.array_equal(_pixels(tmp_path / "s8.png"), np.asarray(expected[0]))

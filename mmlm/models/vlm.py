@@ -125,10 +125,14 @@ class VisionLanguageModel(nn.Module):
         container = nn.Module()  # same attribute names as self, so the file loads into a VisionLanguageModel
         container.vision, container.projector, container.language_model = self.vision, self.projector, language_model
         save_model(container, str(path / WEIGHTS_NAME))
-        (path / CONFIG_NAME).write_text(json.dumps({"model_class": type(self).__name__, "config": to_dict(saved)},
-                                                   indent=2, ensure_ascii=False), encoding="utf-8")
+        from mmlm.models.hub import transformers_keys
+        from mmlm.models.model_card import write_model_card
+
+        meta = {"model_class": type(self).__name__, "config": to_dict(saved), **transformers_keys(self)}
+        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
         base_causal_lm(language_model).config.save_pretrained(path / LANGUAGE_DIR)
         self.tokenizer.save_pretrained(path)
+        write_model_card(path)  # the trainer's final save rewrites it with the run's recipe, steps and metrics
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> "VisionLanguageModel":

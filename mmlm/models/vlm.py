@@ -60,6 +60,7 @@ class VLMConfig:
     projector: ProjectorConfig = dataclasses.field(default_factory=ProjectorConfig)
     language: LanguageConfig = dataclasses.field(default_factory=_default_language)
     prompt: str = ""  # default prompt for captioning; may contain one "<image>"
+    chat_template: str = "auto"  # auto | none | a Jinja template: how conversations render (models/chat.py)
     max_length: int = 64  # text tokens per sample (prompt + answer + eos), image tokens not counted
 
     def __post_init__(self):
@@ -283,26 +284,53 @@ class VisionLanguageModel(nn.Module):
     # ------------------------------------------------------------------ generation (mmlm.models.generation)
 
     def caption(self, images: Any, prompt: str | Sequence[str] | None = None, max_new_tokens: int = 32,
-                num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                batch_size: int = 32, progress: bool = False) -> list[str]:
+                num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+                top_p: float | None = None, batch_size: int = 32, progress: bool = False,
+                **generate_kwargs) -> list[str]:
         """Captions for ``images`` (PIL images, paths, arrays or tensors; a 4D tensor is a batch).
 
-        ``prompt``: one for all images or one per image (left-padded when their lengths differ).
+        ``prompt``: one for all images or one per image (left-padded when their lengths differ). Options left
+        None and ``generate_kwargs`` (any ``GenerationConfig`` field, or ``generation_config=``) come from /
+        override the LM's own ``generation_config`` (``mmlm.models.generation.resolve_config``).
         """
         return generation.caption(self, images, prompt, max_new_tokens, num_beams, do_sample, temperature, top_p,
-                                  batch_size, progress)
+                                  batch_size, progress, **generate_kwargs)
 
     def caption_pixels(self, pixel_values: torch.Tensor, prompt: str | Sequence[str] | None = None,
-                       max_new_tokens: int = 32, num_beams: int = 1, do_sample: bool = False,
-                       temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+                       max_new_tokens: int = 32, num_beams: int | None = None, do_sample: bool | None = None,
+                       temperature: float | None = None, top_p: float | None = None, **generate_kwargs) -> list[str]:
         """Captions for a batch already preprocessed by ``image_transform`` (what a DataLoader yields)."""
         return generation.caption_pixels(self, pixel_values, prompt, max_new_tokens, num_beams, do_sample,
-                                         temperature, top_p)
+                                         temperature, top_p, **generate_kwargs)
 
-    def generate_text(self, prompt: str, max_new_tokens: int = 32, num_beams: int = 1, do_sample: bool = False,
-                      temperature: float = 1.0, top_p: float = 1.0) -> str:
+    def generate_text(self, prompt: str, max_new_tokens: int = 32, num_beams: int | None = None,
+                      do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
+                      **generate_kwargs) -> str:
         """Text-only continuation of ``prompt`` (no image)."""
-        return generation.generate_text(self, prompt, max_new_tokens, num_beams, do_sample, temperature, top_p)
+        return generation.generate_text(self, prompt, max_new_tokens, num_beams, do_sample, temperature, top_p,
+                                        **generate_kwargs)
+
+    # ------------------------------------------------------------------ chat and questions (mmlm.models.chat)
+
+    def chat(self, images: Any, messages: Sequence[dict], stream: bool = False, **generate_kwargs):
+        """The next assistant reply to ``messages`` (``[{"role", "content"}]``, ``<image>`` markers optional),
+        rendered with ``model.chat_template``; ``stream=True``: an iterator of text pieces as they come."""
+        from mmlm.models import chat
+
+        return chat.chat(self, images, messages, stream, **generate_kwargs)
+
+    def answer(self, images: Any, questions: str | Sequence[str], batch_size: int = 32, progress: bool = False,
+               **generate_kwargs) -> list[str]:
+        """One answer per image to its question (one question for all, or one per image), batched."""
+        from mmlm.models import chat
+
+        return chat.answer(self, images, questions, batch_size, progress, **generate_kwargs)
+
+    def answer_pixels(self, pixel_values: torch.Tensor, questions: Sequence[str], **generate_kwargs) -> list[str]:
+        """``answer`` for a batch already preprocessed by ``image_transform``."""
+        from mmlm.models import chat
+
+        return chat.answer_pixels(self, pixel_values, questions, **generate_kwargs)
 
     # ------------------------------------------------------------------ classification by prompt (mmlm.models.scoring)
 

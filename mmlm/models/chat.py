@@ -1,0 +1,301 @@
+"""Chat rendering: conversations -> text segments (assistant turns trained), in the LM's own chat format.
+
+``model.chat_template`` chooses the format:
+
+* ``auto``: the tokenizer's own template (``tokenizer.chat_template``, rendered by ``apply_chat_template``), else
+  ``DEFAULT_CHAT_TEMPLATE``, a small one for tokenizers we train (``user: ...\\nassistant: ...<eos>``);
+* ``none``: no template: the turns' texts one after another, each assistant turn followed by EOS (the plain
+  prompt + caption layout of captioning);
+* any other string: a Jinja chat template, used as the tokenizer's would be.
+
+The rendering finds the character span of each assistant turn in the whole rendered text: the text rendered for
+the turns before it (with ``add_generation_prompt=True``) must be a prefix of the text rendered with it, and the
+turn's content is located after that prefix; the span runs on over the special token that ends the turn
+(``<|im_end|>``, ``<|eot_id|>``, EOS), so the model learns to stop. Training, ``chat`` and ``answer`` use the same
+rendering; the generation prompt is exactly ``apply_chat_template(messages, add_generation_prompt=True)``.
+Segments then go through ``mmlm.models.sequence.encode_segments`` (one whole-text tokenisation, labels by
+offsets).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+
+from mmlm.models.language import IMAGE_TOKEN, tokens_to_tensor
+from mmlm.models.sequence import IGNORE_INDEX, EncodedSequence, Segment, encode_segments, join_answer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mmlm.models.vlm import VisionLanguageModel
+
+ROLES = ("system", "user", "assistant")
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else eos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ 'assistant: ' + message['content'] + eos_token + '\\n' }}"
+    "{% else %}{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+_PROBE = "\u2063probe\u2063"  # content of the probe turn that finds the end-of-turn token
+
+
+def resolve_template(tokenizer, setting: str | None) -> str | None:
+    """The Jinja template ``setting`` names (``None`` for ``none``)."""
+    setting = "auto" if setting is None else setting
+    if not isinstance(setting, str) or not setting.strip():
+        raise ValueError(f"model.chat_template: expected 'auto', 'none' or a Jinja template, got {setting!r}")
+    if setting == "none":
+        return None
+    if setting == "auto":
+        return getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    if "{" not in setting:
+        raise ValueError(f"model.chat_template: {setting!r} is neither 'auto', 'none' nor a Jinja template")
+    return setting
+
+
+def check_messages(messages: Sequence[dict], where: str = "messages") -> list[dict[str, str]]:
+    """Messages as ``[{"role", "content": str}]``; raises ValueError naming the turn for an unknown role or
+    a non-string content (normalise LLaVA / HF content lists with ``mmlm.data.conversations``)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"{where}: expected a non-empty list of {{'role', 'content'}} messages, got {messages!r:.80}")
+    out = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise ValueError(f"{where}[{i}]: role {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}[{i}]: content must be a string with <image> markers, "
+                             f"got {type(message.get('content')).__name__}")
+        out.append({"role": role, "content": message["content"]})
+    return out
+
+
+def with_image_markers(messages: Sequence[dict], num_images: int) -> list[dict[str, str]]:
+    """``messages`` with ``<image>`` markers for ``num_images`` images: as given when they have them all, else
+    the missing markers put in front of the first user turn (``"<image>\\n" + text``). More markers than
+    images is an error."""
+    messages = [dict(m) for m in messages]
+    found = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if found > num_images:
+        raise ValueError(f"messages: {found} '{IMAGE_TOKEN}' markers for {num_images} image(s)")
+    if found < num_images:
+        first = next((m for m in messages if m["role"] == "user"), None)
+        if first is None:
+            raise ValueError("messages: no user turn to put the image in")
+        first["content"] = (IMAGE_TOKEN + "\n") * (num_images - found) + first["content"]
+    return messages
+
+
+def render(tokenizer, messages: Sequence[dict], template: str, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def _special_tokens(tokenizer) -> tuple[str, ...]:
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+    tokens = set(tokenizer.all_special_tokens) | set(added)
+    tokens.discard(IMAGE_TOKEN)
+    return tuple(sorted(tokens, key=len, reverse=True))
+
+
+def _special_at(tokenizer, text: str, position: int) -> str:
+    """The special token written at ``text[position:]`` ("" when there is none)."""
+    return next((t for t in _special_tokens(tokenizer) if text.startswith(t, position)), "")
+
+
+def assistant_spans(tokenizer, messages: Sequence[dict], template: str) -> tuple[str, list[tuple[int, int]]]:
+    """(whole rendered text, [(start, end) of each assistant turn's content + its end-of-turn token])."""
+    full = render(tokenizer, messages, template, add_generation_prompt=False)
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if k == 0:
+            raise ValueError("messages[0]: a conversation cannot start with an assistant turn")
+        before = render(tokenizer, messages[:k], template, add_generation_prompt=True)
+        upto = render(tokenizer, messages[:k + 1], template, add_generation_prompt=False)
+        if not upto.startswith(before) or not full.startswith(upto):
+            raise ValueError(f"chat template: the text rendered for messages[:{k}] is not a prefix of the whole "
+                             "conversation's (the template rewrites earlier turns); its assistant turns cannot be "
+                             "located for the label mask: set model.chat_template to a prefix-stable template")
+        content = message["content"].strip()
+        start = upto.find(content, len(before)) if content else -1
+        if start < 0:
+            raise ValueError(f"messages[{k}]: the assistant's content {content[:60]!r} is empty or not found in the "
+                             "rendered text; the label mask would cover nothing")
+        end = start + len(content)
+        spans.append((start, end + len(_special_at(tokenizer, upto, end))))
+    return full, spans
+
+
+def conversation_segments(tokenizer, messages: Sequence[dict], setting: str | None = "auto"
+                          ) -> list[Segment]:
+    """The conversation as segments, assistant turns (+ their end-of-turn token) trained; nothing is kept
+    after the last assistant turn. Raises ValueError for a conversation without an assistant turn."""
+    messages = check_messages(messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("messages: no assistant turn; nothing to train on")
+    template = resolve_template(tokenizer, setting)
+    if template is None:
+        return _plain_segments(tokenizer, messages, final=False)
+    text, spans = assistant_spans(tokenizer, messages, template)
+    segments, at = [], 0
+    for start, end in spans:
+        if start > at:
+            segments.append(Segment(text[at:start]))
+        segments.append(Segment(text[start:end], train=True))
+        at = end
+    return segments
+
+
+def prompt_segments(tokenizer, messages: Sequence[dict], setting: str | None = "auto") -> list[Segment]:
+    """The generation prompt: the rendered text with ``add_generation_prompt=True`` (one untrained segment)."""
+    messages = check_messages(messages)
+    template = resolve_template(tokenizer, setting)
+    if template is None:
+        return _plain_segments(tokenizer, messages, final=True)
+    return [Segment(render(tokenizer, messages, template, add_generation_prompt=True))]
+
+
+def _plain_segments(tokenizer, messages: list[dict], final: bool) -> list[Segment]:
+    """``none``: the contents in order; an assistant turn follows after a space (``join_answer``) and ends
+    with EOS. ``final``: a prompt for the next assistant turn (everything up to it)."""
+    segments, previous = [], ""
+    for message in messages:
+        if message["role"] == "assistant":
+            content = join_answer(previous, message["content"].strip())
+            segments.append(Segment(content + tokenizer.eos_token, train=True))
+        else:
+            content = message["content"] if not segments else " " + message["content"]
+            segments.append(Segment(content))
+        previous = content
+    if not final:
+        while segments and not segments[-1].train:
+            segments.pop()
+    return segments
+
+
+@functools.lru_cache(maxsize=32)
+def _end_of_turn(tokenizer, template: str) -> str:
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    text = render(tokenizer, messages, template, add_generation_prompt=False)
+    return _special_at(tokenizer, text, text.index(_PROBE) + len(_PROBE))
+
+
+def stop_token_ids(tokenizer, setting: str | None = "auto") -> list[int]:
+    """Token ids that end an assistant turn in this format (``<|im_end|>``, ``<|eot_id|>``; EOS is added by
+    generation itself)."""
+    template = resolve_template(tokenizer, setting)
+    token = _end_of_turn(tokenizer, template) if template is not None else ""
+    return [tokenizer.convert_tokens_to_ids(token)] if token else []
+
+
+# ----------------------------------------------------------------------------------------- the model's side
+
+
+def _setting(model: VisionLanguageModel) -> str:
+    return getattr(model.config, "chat_template", "auto")
+
+
+def _start_id(model: VisionLanguageModel) -> int | None:
+    """A template writes its own BOS (or none); the plain layout starts with the model's start token."""
+    return model.start_token_id if resolve_template(model.tokenizer, _setting(model)) is None else None
+
+
+def encode_conversation(model: VisionLanguageModel, messages: Sequence[dict], num_images: int = 1
+                        ) -> EncodedSequence:
+    """Training ids and labels of a conversation with ``num_images`` images (markers added where missing)."""
+    segments = conversation_segments(model.tokenizer, with_image_markers(check_messages(messages), num_images),
+                                     _setting(model))
+    return encode_segments(model.tokenizer, segments, image_token_id=model.image_token_id,
+                           num_image_tokens=model.num_image_tokens, start_token_id=_start_id(model))
+
+
+def encode_prompt(model: VisionLanguageModel, messages: Sequence[dict], num_images: int = 1) -> list[int]:
+    """Generation-prompt ids of a conversation (the next assistant turn follows)."""
+    segments = prompt_segments(model.tokenizer, with_image_markers(check_messages(messages), num_images),
+                               _setting(model))
+    return encode_segments(model.tokenizer, segments, image_token_id=model.image_token_id,
+                           num_image_tokens=model.num_image_tokens, start_token_id=_start_id(model)).input_ids
+
+
+def prepare_conversations(model: VisionLanguageModel, pixel_values: torch.Tensor,
+                          conversations: Sequence[Sequence[dict]]) -> dict[str, torch.Tensor]:
+    """Training tensors (right-padded) for one image per conversation: loss on the assistant turns only.
+    Each sample is cut to ``model.max_length`` text tokens; one with no trained token left raises ValueError."""
+    if pixel_values.shape[0] != len(conversations):
+        raise ValueError(f"prepare_conversations: {pixel_values.shape[0]} images for {len(conversations)} "
+                         "conversations; expected one image per conversation")
+    rows, label_rows = [], []
+    for i, messages in enumerate(conversations):
+        sample = encode_conversation(model, messages, 1)
+        sample = sample.truncate(model.config.max_length + sample.input_ids.count(model.image_token_id))
+        if sample.first_label is None:
+            raise ValueError(f"conversation {i}: no assistant token within max_length={model.config.max_length} "
+                             "text tokens; raise model.max_length")
+        rows.append(sample.input_ids)
+        label_rows.append(sample.labels)
+    input_ids, attention_mask = tokens_to_tensor(rows, model.pad_token_id, left=False)
+    labels, _ = tokens_to_tensor(label_rows, IGNORE_INDEX, left=False)
+    device = pixel_values.device
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "labels": labels.to(device), "pixel_values": pixel_values}
+
+
+def _generation(model: VisionLanguageModel, options: dict):
+    from mmlm.models import generation
+
+    config = generation.resolve_config(model, options.pop("generation_config", None), **options)
+    return generation, config, stop_token_ids(model.tokenizer, _setting(model))
+
+
+def chat(model: VisionLanguageModel, images: Any, messages: Sequence[dict], stream: bool = False,
+         **options) -> str | Iterator[str]:
+    """The next assistant reply to ``messages`` about ``images`` (one image, a list, or none); with
+    ``stream=True`` an iterator of text pieces. ``options``: generation options (``generation.resolve_config``)."""
+    from mmlm.models.inference import eval_mode
+
+    images = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
+    if len(images) > 1:
+        raise ValueError(f"chat: {len(images)} images; this model takes one image per conversation")
+    options.setdefault("max_new_tokens", 64)
+    generation, config, stops = _generation(model, options)
+    row = encode_prompt(model, messages, len(images))
+    pixels = model.pixel_values(images) if images else None
+    if stream:
+        return generation.stream(model, row, pixels, config, stops)
+    with eval_mode(model):
+        return generation._texts(model, generation.generate_rows(model, [row], pixels, config, stops))[0]
+
+
+def answer_pixels(model: VisionLanguageModel, pixel_values: torch.Tensor, questions: Sequence[str],
+                  **options) -> list[str]:
+    """Short answers to one question per preprocessed image, batched (greedy unless told otherwise)."""
+    from mmlm.models.inference import eval_mode
+
+    if len(questions) != pixel_values.shape[0]:
+        raise ValueError(f"answer: {len(questions)} questions for {pixel_values.shape[0]} images; expected one each")
+    options.setdefault("max_new_tokens", 16)
+    generation, config, stops = _generation(model, options)
+    rows = [encode_prompt(model, [{"role": "user", "content": q}], 1) for q in questions]
+    with eval_mode(model):
+        return generation._texts(model, generation.generate_rows(model, rows, pixel_values.to(model.device),
+                                                                 config, stops))
+
+
+def answer(model: VisionLanguageModel, images: Any, questions: str | Sequence[str], batch_size: int = 32,
+           progress: bool = False, **options) -> list[str]:
+    """``VisionLanguageModel.answer``: one question for all images or one per image."""
+    from mmlm.models.inference import as_image_list, batch_starts
+
+    images = as_image_list(images)
+    questions = [questions] * len(images) if isinstance(questions, str) else list(questions)
+    if len(questions) != len(images):
+        raise ValueError(f"questions: {len(questions)} for {len(images)} images; give one or one per image")
+    out: list[str] = []
+    for start in batch_starts(len(images), batch_size, progress, "answer"):
+        out += answer_pixels(model, model.pixel_values(images[start:start + batch_size]),
+                             questions[start:start + batch_size], **dict(options))
+    return out

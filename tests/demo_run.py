@@ -6,6 +6,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 QUICK_DEMO = ["mmlm", "demo", "--quick", "--out"]  # + the run folder
 
 
@@ -16,14 +18,23 @@ class DemoRun:
 
 
 _RUN: DemoRun | None = None
+_FAILED: str | None = None  # a failed run is not retried by every test that needs it
 
 
 def quick_demo(tmp_path_factory) -> DemoRun:
     """Run the console script once (as a user would) and reuse the run folder for the rest of the session."""
-    global _RUN
+    global _RUN, _FAILED
+    if _FAILED is not None:
+        pytest.fail(f"`mmlm demo --quick` failed earlier in this session: {_FAILED}")
     if _RUN is None:
         out = tmp_path_factory.getbasetemp() / "quick_demo"
-        done = subprocess.run(QUICK_DEMO + [str(out)], capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-4000:]
+        try:
+            done = subprocess.run(QUICK_DEMO + [str(out)], capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            _FAILED = "it ran past 600 s"
+            raise
+        if done.returncode != 0:
+            _FAILED = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+            pytest.fail(f"`mmlm demo --quick` exited {done.returncode}:\n{done.stderr[-4000:]}")
         _RUN = DemoRun(out, done.stdout)
     return _RUN

@@ -90,8 +90,11 @@ def test_prepare_batch_masks_everything_but_the_answer():
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     prefix = model.prompt_ids("describe:")
     for i, caption in enumerate(["a red circle", "a blue square", "a green triangle big"]):
-        answer = model.tokenizer(caption, add_special_tokens=False)["input_ids"] + [model.eos_token_id]
+        # one text: the caption follows the prompt after a space, as in "describe: a red circle"
+        whole = model.tokenizer("describe: " + caption, add_special_tokens=False)["input_ids"]
+        answer = model.tokenizer(" " + caption, add_special_tokens=False)["input_ids"] + [model.eos_token_id]
         n = len(prefix) + len(answer)
+        assert [t for t in ids[i, 1:n].tolist() if t != model.image_token_id] == whole + [model.eos_token_id]
         assert ids[i, :n].tolist() == prefix + answer
         assert (labels[i, :len(prefix)] == IGNORE_INDEX).all()
         assert labels[i, len(prefix):n].tolist() == answer

@@ -53,9 +53,10 @@ def check_templates(prompt: str | Sequence[str]) -> list[str]:
 def split_template(template: str, labels: Sequence[str]) -> tuple[str, list[str]]:
     """``"a photo of a {}"`` -> prompt ``"a photo of a"`` and answers ``[" red circle", ...]``.
 
-    The whitespace before the slot moves to the answer, so prompt and answer tokenise separately
-    exactly as the whole sentence does (byte-level BPE keeps a word's leading space in its token:
-    "a small red" is "a", "Ġsmall", "Ġred", never "a", "Ġsmall", "Ġ", "red").
+    The whitespace before the slot moves to the answer: the answer's first token carries it, as in
+    the whole sentence ("a small red" is "a", "Ġsmall", "Ġred" / "▁a", "▁small", "▁red"). Prompt and
+    answer are then tokenised together (``VisionLanguageModel.encode_sample``, as training does), so
+    the scored tokens are exactly the label's tokens inside the whole sentence.
     """
     before, after = template.split("{}", 1)
     prompt = before.rstrip()
@@ -105,8 +106,40 @@ def label_log_likelihoods(model: VisionLanguageModel, pixel_values: torch.Tensor
     prefix_text, answer_texts = split_template(template, labels)
     if method == "naive":
         return score_naive(model, pixel_values, prefix_text, answer_texts, eos, reduce)
-    answers = [model.answer_ids(text, i, eos) for i, text in enumerate(answer_texts)]
-    prefix = model.prompt_ids(prefix_text)
+    if max_tokens is None:
+        head = model.language_model.get_output_embeddings()
+        vocab = head.weight.shape[0] if head is not None else len(model.tokenizer)
+        max_tokens = min(8192, 2**26 // vocab)
+    scores = torch.empty(pixel_values.shape[0], len(labels), device=model.device)
+    lengths = torch.empty(len(labels), device=model.device)
+    for prefix, members in encode_labels(model, prefix_text, answer_texts, eos).items():
+        answers = [answer for _, answer in members]
+        group = [j for j, _ in members]
+        scores[:, group] = score_prefix_group(model, pixel_values, list(prefix), answers, method, max_tokens)
+        lengths[group] = torch.tensor([len(a) for a in answers], device=model.device, dtype=lengths.dtype)
+    if reduce == "mean":
+        scores /= lengths
+    return scores
+
+
+def encode_labels(model: VisionLanguageModel, prompt: str, answers: Sequence[str],
+                  eos: bool) -> dict[tuple[int, ...], list[tuple[int, list[int]]]]:
+    """prompt + each answer tokenised as one sentence (as training sees it), split where the answer's
+    tokens begin: {prefix ids: [(answer index, answer ids), ...]}. Every label shares one prefix unless a
+    token straddles the prompt/label boundary (scripts without spaces): such labels get their own group."""
+    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    for j, answer in enumerate(answers):
+        sample = model.encode_sample(prompt, answer, eos=eos)
+        start = sample.first_label
+        if start is None:
+            raise ValueError(f"labels[{j}]: {answer!r} gives no tokens to score")
+        groups.setdefault(tuple(sample.input_ids[:start]), []).append((j, sample.input_ids[start:]))
+    return groups
+
+
+def score_prefix_group(model: VisionLanguageModel, pixel_values: torch.Tensor, prefix: list[int],
+                       answers: list[list[int]], method: str, max_tokens: int) -> torch.Tensor:
+    """[n_img, n_answers] summed log-probs of ``answers`` after the shared ``prefix`` (image + prompt ids)."""
     n_img = pixel_values.shape[0]
     prefix_ids = torch.tensor([prefix] * n_img, device=model.device)
     prefix_mask = torch.ones_like(prefix_ids)  # one prompt for all images: no padding
@@ -114,19 +147,13 @@ def label_log_likelihoods(model: VisionLanguageModel, pixel_values: torch.Tensor
                         position_ids=positions_from_mask(prefix_mask), **model.last_logits_only)
     first_logprobs = out.logits[:, -1].float().log_softmax(-1)  # predicts each answer's first token
     score_chunk = score_tree if method == "tree" else score_expanded
-    scores = torch.empty(n_img, len(labels), device=model.device)
-    if max_tokens is None:
-        head = model.language_model.get_output_embeddings()
-        vocab = head.weight.shape[0] if head is not None else len(model.tokenizer)
-        max_tokens = min(8192, 2**26 // vocab)
+    scores = torch.empty(n_img, len(answers), device=model.device)
     # <= 1024 trie nodes per call also bounds the [nodes, prompt + nodes] tree mask and its attention
     chunks = chunk_answers(answers, max(1, min(1024, max_tokens // n_img)))
     for c, group in enumerate(chunks):
         # The last chunk may extend the prompt's cache in place; earlier ones extend a copy.
         cache = output_cache(out) if c == len(chunks) - 1 else copy.deepcopy(output_cache(out))
         scores[:, group] = score_chunk(model, cache, len(prefix), first_logprobs, [answers[j] for j in group])
-    if reduce == "mean":
-        scores /= torch.tensor([len(ids) for ids in answers], device=scores.device, dtype=scores.dtype)
     return scores
 
 
@@ -177,8 +204,9 @@ def score_naive(model: VisionLanguageModel, pixel_values: torch.Tensor, prompt: 
         logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).logits.float()
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE_INDEX
-        if not eos:
-            mask &= targets != model.eos_token_id
+        if not eos:  # the EOS is each row's last label
+            last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+            mask[torch.arange(n_img, device=mask.device), last] = False
         lp = logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
         total = (lp * mask).sum(1)
         scores[:, j] = total / mask.sum(1) if reduce == "mean" else total

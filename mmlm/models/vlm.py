@@ -5,47 +5,45 @@ Sequence layout (one image per sample)::
     [start] prompt-before-<image> [<image> x N] prompt-after-<image> answer [eos] [pad ...]
 
 ``start`` is the tokenizer's BOS (EOS when it has none). The prompt may contain one ``<image>``
-marker; without one the image goes first, right after ``start``. The N placeholder ids are kept
-in ``input_ids`` and their embeddings are replaced by the projected image tokens, so
-``input_ids``, ``attention_mask`` and ``labels`` always line up position by position.
-Training pads on the right, generation on the left; positions come from the attention mask,
-so padding never shifts them. Labels are -100 everywhere except the answer and its EOS.
+marker; without one the image goes first, right after ``start``. Prompt and answer are tokenised
+as one text (``mmlm.models.sequence.encode_segments``), so every token is what the LM sees inside
+the whole sentence. The N placeholder ids are kept in ``input_ids`` and their embeddings replaced by
+the projected image tokens, so ``input_ids``, ``attention_mask`` and ``labels`` line up position by
+position. Training pads on the right, generation on the left; positions come from the attention
+mask. Labels are -100 everywhere except the answer and its EOS; the LM head runs on those only.
+
+``model.init_from: <folder>`` starts from a saved VLM (weights and tokenizer): LLaVA's two stages
+are two configs. LoRA: ``language.lora_*`` for the LM, ``model.vision_lora`` / ``model.projector_lora``
+for the tower and the projector (``mmlm.models.adapters``).
 
 This file holds the model (config, build, embed, forward, save/load, training tokenisation).
-Decoding lives in ``mmlm.models.generation``, label scoring in ``mmlm.models.scoring``; the
-``caption`` / ``classify`` methods here delegate to them.
+Decoding lives in ``mmlm.models.generation``, label scoring in ``mmlm.models.scoring``.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer
-
-from mmlm.config import ConfigError, from_dict, to_dict
+from mmlm.config import ConfigError, from_dict
 from mmlm.images import load_image
-from mmlm.models import generation, scoring
+from mmlm.models import generation, scoring, vlm_files
+from mmlm.models.adapters import AdapterConfig, add_lora
+from mmlm.models.head import decoder_of, label_loss
 from mmlm.models.language import (
-    IMAGE_TOKEN, LanguageConfig, base_causal_lm, build_language_model, cache_argument_name, forward_parameters,
-    is_lora, load_tokenizer, tokens_to_tensor,
+    IMAGE_TOKEN, LanguageConfig, apply_lora, build_language_model, cache_argument_name, check_sequence_fits,
+    forward_parameters, load_tokenizer, tokens_to_tensor,
 )
 from mmlm.models.projector import ProjectorConfig, build_projector
 from mmlm.models.scoring import split_template  # noqa: F401  (re-exported: callers import it from here)
-from mmlm.models.sequence import IGNORE_INDEX, check_prompt, positions_from_mask
+from mmlm.models.sequence import (
+    IGNORE_INDEX, EncodedSequence, Segment, check_prompt, encode_segments, join_answer, positions_from_mask,
+)
 from mmlm.models.vision import ImageTransform, VisionConfig, VisionEncoder
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-LANGUAGE_DIR = "language"
-
 
 def _default_language() -> LanguageConfig:
     return LanguageConfig(config={
@@ -61,18 +59,30 @@ class VLMConfig:
     language: LanguageConfig = dataclasses.field(default_factory=_default_language)
     prompt: str = ""  # default prompt for captioning; may contain one "<image>"
     chat_template: str = "auto"  # auto | none | a Jinja template: how conversations render (models/chat.py)
-    max_length: int = 64  # text tokens per sample (prompt + answer + eos), image tokens not counted
+    max_length: int = 64  # text tokens per sample (start + prompt + answer + eos), image tokens not counted
+    # A folder written by save_pretrained to start from: its weights and tokenizer (and its LM's config;
+    # language.name_or_path / config are then not read). vision / projector here must match the saved ones.
+    init_from: str | None = None
+    vision_lora: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)  # LoRA on the timm tower
+    projector_lora: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)  # LoRA on the projector
 
     def __post_init__(self):
         if self.max_length < 2:
             raise ConfigError(f"model.max_length: expected >= 2, got {self.max_length}")
         check_prompt(self.prompt, "model.prompt")
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
+            raise ConfigError(f"model.init_from: {Path(self.init_from) / 'config.json'} not found; expected a folder "
+                              "written by save_pretrained (a run's model folder)")
 
 
 @dataclasses.dataclass
 class VLMOutput:
+    """``logits``: [batch, length, vocab] without labels; with labels only the label positions',
+    [num_label_tokens, vocab] in fp32 (row k predicts the k-th label token in reading order)."""
+
     loss: torch.Tensor | None
     logits: torch.Tensor
+    num_label_tokens: torch.Tensor | None = None
 
 
 class VisionLanguageModel(nn.Module):
@@ -100,58 +110,58 @@ class VisionLanguageModel(nn.Module):
     @classmethod
     def from_config(cls, config: VLMConfig, corpus: Iterable[str] | None = None,
                     _lm_config=None, _tokenizer=None) -> "VisionLanguageModel":
-        """Build the model; ``corpus`` (caption texts) trains the tokenizer when there is none to load."""
+        """Build the model; ``corpus`` (caption texts) trains the tokenizer when there is none to load.
+        With ``config.init_from`` the weights and tokenizer come from that saved folder."""
         if isinstance(config, dict):
             config = from_dict(VLMConfig, config)
-        tokenizer = _tokenizer if _tokenizer is not None else load_tokenizer(config.language, corpus)
-        language_model = build_language_model(config.language, tokenizer, model_config=_lm_config)
+        if config.init_from is not None:
+            return cls._from_saved_start(config)
+        model = cls._build(config, corpus, _lm_config, _tokenizer)
+        model._add_adapters()
+        return model
+
+    @classmethod
+    def _build(cls, config: VLMConfig, corpus, lm_config, tokenizer) -> "VisionLanguageModel":
+        """The model without LoRA adapters (they go on after any weights are loaded)."""
+        language = config.language
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(language, corpus)
+        plain = dataclasses.replace(language, lora_rank=0, freeze=language.freeze and language.lora_rank == 0)
+        language_model = build_language_model(plain, tokenizer, model_config=lm_config)
         vision = VisionEncoder(config.vision)
-        lm_dim = base_causal_lm(language_model).get_input_embeddings().embedding_dim
+        lm_dim = language_model.get_input_embeddings().embedding_dim
         projector, num_image_tokens = build_projector(config.projector, vision.dim, lm_dim, vision.num_tokens)
+        check_sequence_fits(language_model.config, num_image_tokens, config.max_length)
         return cls(config, vision, projector, language_model, tokenizer, num_image_tokens)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """A folder: config.json, model.safetensors, tokenizer files, language/config.json. No pickles."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        language_model = self.language_model
+    def _add_adapters(self) -> None:
         language = self.config.language
-        if is_lora(language_model) and language.lora_merge_on_save:
-            language_model = copy.deepcopy(language_model).merge_and_unload()
-            language = dataclasses.replace(language, lora_rank=0)
-        saved = dataclasses.replace(
-            self.config, language=language,
-            vision=dataclasses.replace(self.config.vision, pretrained=False, weights_path=None),
-        )
-        container = nn.Module()  # same attribute names as self, so the file loads into a VisionLanguageModel
-        container.vision, container.projector, container.language_model = self.vision, self.projector, language_model
-        save_model(container, str(path / WEIGHTS_NAME))
-        from mmlm.models.hub import transformers_keys
-        from mmlm.models.model_card import write_model_card
+        if language.lora_rank > 0:
+            self.language_model.requires_grad_(False)
+            self.language_model = apply_lora(self.language_model, language)
+        if self.config.vision_lora.rank > 0:
+            add_lora(self.vision.backbone, self.config.vision_lora, "model.vision_lora")
+        if self.config.projector_lora.rank > 0:
+            add_lora(self.projector, self.config.projector_lora, "model.projector_lora")
 
-        meta = {"model_class": type(self).__name__, "config": to_dict(saved), **transformers_keys(self)}
-        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-        base_causal_lm(language_model).config.save_pretrained(path / LANGUAGE_DIR)
-        self.tokenizer.save_pretrained(path)
-        write_model_card(path)  # the trainer's final save rewrites it with the run's recipe, steps and metrics
+    @classmethod
+    def _from_saved_start(cls, config: VLMConfig) -> "VisionLanguageModel":
+        return vlm_files.start_from(cls, config)
+
+    def plain_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights with every LoRA adapter merged in (names as a model without adapters has them)."""
+        return vlm_files.plain_parts(self, merge_lm=True).state_dict()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """A folder: config.json, model.safetensors, tokenizer files, language/config.json. No pickles.
+        Vision / projector LoRA is merged; the LM's too unless ``language.lora_merge_on_save`` is false."""
+        vlm_files.save(self, Path(path))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> "VisionLanguageModel":
-        path = Path(path)
-        config_file = path / CONFIG_NAME
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file}: not found; expected a folder written by save_pretrained")
-        try:
-            data = json.loads(config_file.read_text(encoding="utf-8"))
-            config = from_dict(VLMConfig, data["config"], "config")
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ConfigError(f"{config_file}: not a VisionLanguageModel config ({err})") from err
+        config, tokenizer, lm_config = vlm_files.read_saved(Path(path))
         config.language.tokenizer = None
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.language.trust_remote_code)
-        lm_config = AutoConfig.from_pretrained(path / LANGUAGE_DIR,
-                                               trust_remote_code=config.language.trust_remote_code)
         model = cls.from_config(config, _lm_config=lm_config, _tokenizer=tokenizer)
-        load_model(model, str(path / WEIGHTS_NAME), strict=True)
+        load_model(model, str(Path(path) / vlm_files.WEIGHTS_NAME), strict=True)
         return model.to(device) if device is not None else model
 
     # ------------------------------------------------------------------ parts
@@ -182,8 +192,22 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ tokenisation
 
-    def _text_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def encode(self, segments: Sequence[Segment], eos: bool = True, with_image: bool = True) -> EncodedSequence:
+        """``encode_segments`` with this model's tokenizer, start / image / EOS ids; without an ``<image>``
+        marker in the segments the image goes first (``with_image=False``: a text-only sequence)."""
+        marked = any(IMAGE_TOKEN in s.text for s in segments)
+        if marked and not with_image:
+            raise ValueError(f"prompt: '{IMAGE_TOKEN}' given but there is no image: {segments[0].text!r}")
+        return encode_segments(self.tokenizer, segments, image_token_id=self.image_token_id,
+                               num_image_tokens=self.num_image_tokens, start_token_id=self.start_token_id,
+                               eos_token_id=self.eos_token_id if eos else None,
+                               image_first=with_image and not marked)
+
+    def encode_sample(self, prompt: str | None, answer: str, eos: bool = True) -> EncodedSequence:
+        """prompt + answer as one text (the answer trained, a space between them where the sentence has one)."""
+        prompt = self.config.prompt if prompt is None else prompt
+        check_prompt(prompt, "prompt")
+        return self.encode([Segment(prompt), Segment(join_answer(prompt, answer), train=True)], eos=eos)
 
     def prompt_ids(self, prompt: str | None, with_image: bool = True) -> list[int]:
         """[start] + prompt tokens with the image placeholders spliced in (cached per prompt)."""
@@ -191,29 +215,16 @@ class VisionLanguageModel(nn.Module):
         check_prompt(prompt, "prompt")
         key = f"{with_image}|{prompt}"
         if key not in self._prefix_ids:
-            if with_image:
-                before, _, after = prompt.partition(IMAGE_TOKEN) if IMAGE_TOKEN in prompt else ("", "", prompt)
-                ids = self._text_ids(before) + [self.image_token_id] * self.num_image_tokens + self._text_ids(after)
-            else:
-                if IMAGE_TOKEN in prompt:
-                    raise ValueError(f"prompt: '{IMAGE_TOKEN}' given but there is no image: {prompt!r}")
-                ids = self._text_ids(prompt)
-            self._prefix_ids[key] = [self.start_token_id] + ids
+            self._prefix_ids[key] = self.encode([Segment(prompt)], eos=False, with_image=with_image).input_ids
         return self._prefix_ids[key]
-
-    def answer_ids(self, answer: str, index: int, eos: bool = True) -> list[int]:
-        """Answer tokens (and EOS when ``eos``); ``index`` names the sample in the error for an empty answer."""
-        if not isinstance(answer, str) or not answer.strip():
-            raise ValueError(f"captions[{index}]: expected a non-empty string, got {answer!r}")
-        ids = self._text_ids(answer)
-        return ids + [self.eos_token_id] if eos else ids
 
     def prepare_batch(self, pixel_values: torch.Tensor, captions: Sequence[str],
                       prompts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Training tensors (right-padded): input_ids, attention_mask, labels, pixel_values.
 
-        Raises ValueError when a sample would have no answer token left to learn from (its prompt
-        fills ``max_length``): a silent all -100 label row is the LLaVA "loss 0.0" bug.
+        Each sample is prompt + caption tokenised as one text (``encode_sample``), cut to ``max_length``
+        text tokens. Raises ValueError when a sample would have no answer token left to learn from (its
+        prompt fills ``max_length``): a silent all -100 label row is the LLaVA "loss 0.0" bug.
         """
         n = len(captions)
         if prompts is None:
@@ -223,16 +234,16 @@ class VisionLanguageModel(nn.Module):
                              "expected one of each per sample")
         rows, label_rows = [], []
         for i, (caption, prompt) in enumerate(zip(captions, prompts)):
-            prefix = self.prompt_ids(prompt)
-            answer = self.answer_ids(caption, i)
-            prefix_text = len(prefix) - self.num_image_tokens
-            room = self.config.max_length - prefix_text
-            if room <= 0:
-                raise ValueError(f"sample {i}: the prompt takes {prefix_text} text tokens of max_length="
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"captions[{i}]: expected a non-empty string, got {caption!r}")
+            sample = self.encode_sample(prompt, caption)
+            sample = sample.truncate(self.config.max_length + sample.input_ids.count(self.image_token_id))
+            if sample.first_label is None:
+                prompt_tokens = len(self.prompt_ids(prompt)) - self.num_image_tokens
+                raise ValueError(f"sample {i}: the prompt takes {prompt_tokens} text tokens of max_length="
                                  f"{self.config.max_length}, leaving no answer tokens to train on; raise max_length")
-            answer = answer[:room]
-            rows.append(prefix + answer)
-            label_rows.append([IGNORE_INDEX] * len(prefix) + answer)
+            rows.append(sample.input_ids)
+            label_rows.append(sample.labels)
         input_ids, attention_mask = tokens_to_tensor(rows, self.pad_token_id, left=False)
         labels, _ = tokens_to_tensor(label_rows, IGNORE_INDEX, left=False)
         device = pixel_values.device
@@ -257,20 +268,32 @@ class VisionLanguageModel(nn.Module):
         return embeds.masked_scatter(image_mask.unsqueeze(-1), image_tokens)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None) -> VLMOutput:
+                labels: torch.Tensor | None = None, num_items_in_batch: int | torch.Tensor | None = None,
+                reduction: str = "mean") -> VLMOutput:
+        """Without ``labels``: the LM's logits at every position. With ``labels`` (unshifted, -100 = none):
+        the decoder's hidden states, the LM head on the label positions only, cross-entropy in fp32.
+
+        Loss: ``reduction="mean"`` divides the summed token losses by ``num_items_in_batch`` when given,
+        else by this batch's label-token count; ``"sum"`` returns the sum. ``num_label_tokens`` (a 0-d
+        tensor) is the count. For gradient accumulation and several processes, a trainer counts the label
+        tokens of all micro-batches of an optimizer step (``sequence.count_label_tokens``), all-reduces the
+        count, and passes ``num_items_in_batch = total / world_size`` (DDP averages gradients over
+        processes), so every token weighs the same however the step is split.
+        """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
         embeds = self.embed(input_ids, pixel_values)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                  position_ids=positions_from_mask(attention_mask), use_cache=False)
-        loss = None
-        if labels is not None:
-            targets = labels[:, 1:]
-            empty = (targets == IGNORE_INDEX).all(dim=1)
-            if empty.any():
-                raise ValueError(f"samples {empty.nonzero().flatten().tolist()} have no answer tokens in labels "
-                                 "(all -100): the loss would silently ignore them")
-            loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                   ignore_index=IGNORE_INDEX)
-        return VLMOutput(loss=loss, logits=out.logits)
+        inputs = dict(inputs_embeds=embeds, attention_mask=attention_mask,
+                      position_ids=positions_from_mask(attention_mask), use_cache=False)
+        if labels is None:
+            return VLMOutput(loss=None, logits=self.language_model(**inputs).logits)
+        empty = (labels[:, 1:] == IGNORE_INDEX).all(dim=1)
+        if empty.any():
+            raise ValueError(f"samples {empty.nonzero().flatten().tolist()} have no answer tokens in labels "
+                             "(all -100): the loss would silently ignore them")
+        hidden = decoder_of(self.language_model)(**inputs).last_hidden_state
+        loss, logits, count = label_loss(self.language_model, hidden, labels, num_items_in_batch, reduction)
+        return VLMOutput(loss=loss, logits=logits, num_label_tokens=count)
 
     def lm_step(self, cache=None, **inputs):
         """One cached LM call (prefill or extension of ``cache``), as generation and scoring run it."""

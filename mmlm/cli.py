@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         mmlm train configs/shapes_captioner.yaml train.lr=3e-4 data.batch_size=32 --output-dir runs/cap
         mmlm train configs/shapes_captioner.yaml --resume      # continue from the last complete checkpoint
         accelerate launch --multi_gpu --num_processes 8 -m mmlm.cli train configs/shapes_diffusion.yaml   # 8 GPUs
-        torchrun --nproc_per_node 2 -m mmlm.cli train configs/shapes_captioner.yaml   # 2 CPU processes (`accelerate launch --cpu` starts one)
+        torchrun --nproc_per_node 2 -m mmlm.cli train configs/shapes_captioner.yaml   # 2 CPU processes (--cpu: one)
     """))
     p.add_argument("config", help="recipe YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides: section.key=value")
@@ -321,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         if _is_user_error(err):
             print(f"error: {_one_line(err)}", file=sys.stderr)
             return 2
+        rerun = shlex.join(sys.argv[1:] if argv is None else argv)
         print(f"internal error: {type(err).__name__}: {_one_line(err)} -- this is a bug in mmlm; please report it "
-              f"to {REPORT_TO} with the traceback that `mmlm --debug {shlex.join(sys.argv[1:] if argv is None else argv)}` "
-              "prints", file=sys.stderr)
+              f"to {REPORT_TO} with the traceback that `mmlm --debug {rerun}` prints", file=sys.stderr)
         return 1
 
 

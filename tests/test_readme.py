@@ -165,7 +165,7 @@ def _rewrite(argv: list[str], needs: set[str], command: str) -> list[str]:
     argv = list(argv)
     if "gpu" in needs:  # the CPU form: 2 processes (--multi_gpu makes accelerate start them without GPUs)
         assert argv[:2] == ["accelerate", "launch"] and "--multi_gpu" in argv, \
-            f"{command!r}: a `needs: gpu` line must be `accelerate launch --multi_gpu ...` (its CPU form has 2 processes)"
+            f"{command!r}: a `needs: gpu` line must be `accelerate launch --multi_gpu ...` (CPU form: 2 processes)"
         argv[argv.index("--num_processes") + 1] = str(GPU_PROCESSES)
     args = _mmlm_args(argv)
     if args and args[0] == "train":
@@ -190,7 +190,8 @@ def run_command(command: str, work: Workspace) -> list[Ran]:
         if args and args[0] == "demo":
             assert "minutes" in needs, f"{command!r}: the demo takes minutes; mark it `# needs: minutes`"
             parse = build_parser().parse_args
-            assert parse(args + ["--quick", "--out", str(work.demo.out)]) == parse(QUICK_DEMO[1:] + [str(work.demo.out)])
+            quick = parse(args + ["--quick", "--out", str(work.demo.out)])
+            assert quick == parse(QUICK_DEMO[1:] + [str(work.demo.out)]), f"{command!r} is not the demo the test ran"
             results.append(Ran(argv, work.demo.stdout, ""))
             continue
         argv = _rewrite(argv, needs, command)

@@ -71,10 +71,14 @@ def save(model: VisionLanguageModel, path: Path) -> None:
     )
     container = plain_parts(model, merge_lm)
     save_model(container, str(path / WEIGHTS_NAME))
-    (path / CONFIG_NAME).write_text(json.dumps({"model_class": type(model).__name__, "config": to_dict(saved)},
-                                               indent=2, ensure_ascii=False), encoding="utf-8")
+    from mmlm.models.hub import transformers_keys  # model_type, architectures, image side (issue 16)
+    from mmlm.models.model_card import write_model_card
+
+    meta = {"model_class": type(model).__name__, "config": to_dict(saved), **transformers_keys(model)}
+    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     base_causal_lm(container.language_model).config.save_pretrained(path / LANGUAGE_DIR)
     model.tokenizer.save_pretrained(path)
+    write_model_card(path)  # the trainer's final save rewrites it with the run's recipe, steps and metrics
 
 
 def start_from(cls: type[VisionLanguageModel], config: VLMConfig) -> VisionLanguageModel:

@@ -216,3 +216,11 @@ def test_weights_path_is_read_by_mmlm_safety_and_a_code_pickle_is_refused(tmp_pa
     with pytest.raises(UnsafeFileError, match="tower.pth: refused to load"):
         VisionEncoder(VisionConfig(name="resnet10t", image_size=32, weights_path=str(path)))
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_the_tower_builds_under_no_grad_and_inference_mode(context):
+    """Evaluation loads models under no_grad; the build-time probe must not need autograd enabled outside."""
+    with context():
+        encoder = VisionEncoder(VisionConfig(name="resnet10t"))
+    assert encoder.num_tokens > 0 and encoder.dim > 0

@@ -157,13 +157,15 @@ class VisionEncoder(nn.Module):
         trainable parameters the token path leaves without a gradient."""
         was_training = self.training
         self.eval()  # keep BatchNorm statistics untouched by the probe
-        trainable = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
-        with torch.set_grad_enabled(bool(trainable)):
-            tokens = self._tokens(torch.zeros(1, *self.data_config["input_size"]))
+        # Built under inference_mode there is no autograd at all: the gradient check is skipped then.
+        trainable = [] if torch.is_inference_mode_enabled() else [
+            (n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
         unused = []
-        if trainable:
-            grads = torch.autograd.grad(tokens.sum(), [p for _, p in trainable], allow_unused=True)
-            unused = [n for (n, _), g in zip(trainable, grads) if g is None]
+        with torch.set_grad_enabled(bool(trainable)):  # callers may build the model under no_grad
+            tokens = self._tokens(torch.zeros(1, *self.data_config["input_size"]))
+            if trainable:
+                grads = torch.autograd.grad(tokens.sum(), [p for _, p in trainable], allow_unused=True)
+                unused = [n for (n, _), g in zip(trainable, grads) if g is None]
         self.train(was_training)
         return tokens.shape[1], tokens.shape[2], unused
 

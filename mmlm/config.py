@@ -332,7 +332,7 @@ class EvalConfig:
 class RunConfig:
     """A whole recipe: one YAML file in configs/."""
 
-    task: str = "captioning"  # captioning | classification | diffusion
+    task: str = "captioning"  # captioning | classification | vqa | diffusion
     output_dir: str = "runs/default"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: Any = None  # the task's model config dataclass (VLMConfig, TextToImageConfig, ...)
@@ -344,6 +344,7 @@ class RunConfig:
 MODEL_CONFIGS: dict[str, str] = {
     "captioning": "mmlm.models.vlm:VLMConfig",
     "classification": "mmlm.models.vlm:VLMConfig",
+    "vqa": "mmlm.models.vlm:VLMConfig",
     "diffusion": "mmlm.models.diffusion:TextToImageConfig",
 }
 

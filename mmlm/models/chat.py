@@ -36,8 +36,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}{{ 'assistant: ' + message['content'] + eos_token + '\\n' }}"
     "{% else %}{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-)
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)  # the prompt ends at "assistant:": the space belongs to the answer's first token (" red"), as in training
 _PROBE = "\u2063probe\u2063"  # content of the probe turn that finds the end-of-turn token
 
 

@@ -7,7 +7,8 @@ classification.py, diffusion.py one task each. Tasks import train, models, data 
 from mmlm.tasks.captioning import CaptioningTask
 from mmlm.tasks.classification import ClassificationTask
 from mmlm.tasks.diffusion import DiffusionTask
+from mmlm.tasks.vqa import VQATask
 
-TASKS = {task.name: task for task in (CaptioningTask, ClassificationTask, DiffusionTask)}
+TASKS = {task.name: task for task in (CaptioningTask, ClassificationTask, DiffusionTask, VQATask)}
 
-__all__ = ["TASKS", "CaptioningTask", "ClassificationTask", "DiffusionTask"]
+__all__ = ["TASKS", "CaptioningTask", "ClassificationTask", "DiffusionTask", "VQATask"]

@@ -1,4 +1,4 @@
-"""The ``mmlm`` command line: train | eval | caption | classify | generate | data | demo.
+"""The ``mmlm`` command line: train | eval | caption | classify | chat | ask | generate | data | demo.
 
 Every failure ends with one line on stderr: a user error (bad flag, missing file, bad config key, bad data)
 exits with status 2; an internal error (a bug) exits with status 1 and says where to report it.
@@ -134,6 +134,54 @@ def cmd_classify(args) -> int:
     return 0
 
 
+def _generation_options(args) -> dict:
+    """The generation flags of ``chat`` / ``ask``; unset ones come from the model's generation_config."""
+    options = {"max_new_tokens": args.max_new_tokens, "do_sample": True if args.do_sample else None,
+               "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+               "repetition_penalty": args.repetition_penalty, "num_beams": args.num_beams,
+               "stop_strings": args.stop or None}
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def cmd_chat(args) -> int:
+    """A conversation about the images on stdin/stdout: one user turn per line, the reply streamed."""
+    from mmlm.api import load_vlm
+
+    paths = _image_paths(args.images) if args.images else []
+    model = load_vlm(args.model)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        pieces = []
+        for piece in model.chat([str(p) for p in paths], messages, stream=True, **_generation_options(args)):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print(flush=True)
+        messages.append({"role": "assistant", "content": "".join(pieces).strip() or " "})
+
+
+def cmd_ask(args) -> int:
+    """Every question about every image, batched; one JSON line per (image, question)."""
+    from mmlm.api import load_vlm
+
+    paths = _image_paths(args.images)
+    model = load_vlm(args.model)
+    pairs = [(path, question) for question in args.question for path in paths]
+    answers = model.answer([str(p) for p, _ in pairs], [q for _, q in pairs], batch_size=args.batch_size,
+                           progress=len(pairs) > args.batch_size, **_generation_options(args))
+    for (path, question), answer in zip(pairs, answers):
+        print(json.dumps({"image": str(path), "question": question, "answer": answer}, ensure_ascii=False))
+    return 0
+
+
 def cmd_generate(args) -> int:
     from mmlm.api import load_text_to_image
     from mmlm.eval.plots import image_grid
@@ -254,6 +302,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_classify)
+
+    def generation_flags(p):
+        p.add_argument("--max-new-tokens", type=int, default=None)
+        p.add_argument("--do-sample", action="store_true", help="sample (default: the model's generation_config)")
+        p.add_argument("--temperature", type=float, default=None)
+        p.add_argument("--top-k", type=int, default=None)
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--repetition-penalty", type=float, default=None)
+        p.add_argument("--num-beams", type=int, default=None)
+        p.add_argument("--stop", action="append", default=None, help="a stop string; repeat for several")
+
+    p = sub.add_parser("chat", help="talk about images (reads stdin, streams replies)", formatter_class=fmt,
+                       epilog=_examples("""
+        mmlm chat runs/shapes_vqa photo.png
+        echo "what colour is the circle?" | mmlm chat runs/shapes_vqa photo.png
+    """))
+    p.add_argument("model", help="saved VLM folder")
+    p.add_argument("images", nargs="*", help="image files or folders the conversation is about")
+    p.add_argument("--system", default=None, help="a system message")
+    generation_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("ask", help="ask questions about images (JSONL out)", formatter_class=fmt,
+                       epilog=_examples("""
+        mmlm ask runs/shapes_vqa images/ --question "how many circles are there?"
+        mmlm ask runs/shapes_vqa a.png b.png --question "what colour is the star?" --question "is there a red square?"
+    """))
+    p.add_argument("model", help="saved VLM folder")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--question", action="append", required=True, help="a question; repeat for several")
+    p.add_argument("--batch-size", type=int, default=32)
+    generation_flags(p)
+    p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("generate", help="generate images from a prompt", formatter_class=fmt, epilog=_examples("""
         mmlm generate runs/demo/generator "a red circle" --out red_circle.png

@@ -10,6 +10,7 @@ any pixel is decoded.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +51,22 @@ def _name(src: Any) -> str:
     return f"<{type(src).__name__}>"
 
 
+def _bomb_reason(pil_message: str, max_pixels: int) -> str:
+    """PIL's refusal (it quotes its own limit, 2 x Image.MAX_IMAGE_PIXELS) restated against ``max_pixels``."""
+    found = re.search(r"\((\d+) pixels\)", pil_message)
+    size = f"{int(found.group(1)):,} pixels" if found else "its header's pixel count"
+    if found and int(found.group(1)) <= max_pixels:
+        return (f"{size} is within max_pixels={max_pixels:,} (data.max_image_pixels) but over PIL's hard limit "
+                f"of 2 x PIL.Image.MAX_IMAGE_PIXELS (refused as a decompression bomb)")
+    return f"{size} exceeds max_pixels={max_pixels:,} (data.max_image_pixels; refused as a decompression bomb)"
+
+
 def _check_pixels(width: int, height: int, max_pixels: int, name: str) -> None:
     if width < 1 or height < 1:
         raise BadImageError(name, f"empty image ({width}x{height})")
     if width * height > max_pixels:
-        raise BadImageError(name, f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels} "
-                                  "(possible decompression bomb)")
+        raise BadImageError(name, f"{width}x{height} = {width * height:,} pixels exceeds max_pixels={max_pixels:,} "
+                                  "(data.max_image_pixels; possible decompression bomb)")
 
 
 def _array_to_image(array: np.ndarray, name: str) -> Image.Image:
@@ -125,7 +136,7 @@ def _open(src: Any, max_pixels: int) -> tuple[Image.Image, str]:
     except UnidentifiedImageError:
         raise BadImageError(name, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError as err:
-        raise BadImageError(name, f"refused as a decompression bomb ({err})") from None
+        raise BadImageError(name, _bomb_reason(str(err), max_pixels)) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise BadImageError(name, f"cannot read image header ({err})") from None
     _check_pixels(image.width, image.height, max_pixels, name)  # from the header, before decoding

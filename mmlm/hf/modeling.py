@@ -8,6 +8,7 @@ loaders. ``forward`` embeds the image placeholders exactly as ``VisionLanguageMo
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,9 @@ class MmlmVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.vision, self.projector, self.language_model = vlm.vision, vlm.projector, vlm.language_model
         object.__setattr__(self, "vlm", vlm)  # not a submodule: its parameters are the three above
-        self.generation_config = GenerationConfig(eos_token_id=vlm.eos_token_id, pad_token_id=vlm.pad_token_id,
-                                                  bos_token_id=vlm.start_token_id)
+        lm_generation = getattr(vlm.language_model, "generation_config", None)
+        self.generation_config = copy.deepcopy(lm_generation) if lm_generation is not None else GenerationConfig()
+        self.generation_config.update(eos_token_id=vlm.eos_token_id, pad_token_id=vlm.pad_token_id)
 
     def _init_weights(self, module):  # every weight comes from the VLM
         pass

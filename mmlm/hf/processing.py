@@ -110,11 +110,18 @@ class MmlmProcessor(ProcessorMixin):
             data.update(self.image_processor(images, return_tensors=None))
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
+    def batch_decode(self, sequences, **kwargs) -> list[str]:
+        """Texts of the generated ids, as ``vlm.caption`` returns them (the one space an answer starts with after
+        a prompt is dropped)."""
+        return [strip_answer_space(text) for text in self.tokenizer.batch_decode(sequences, **kwargs)]
 
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
+    def decode(self, ids, **kwargs) -> str:
+        return strip_answer_space(self.tokenizer.decode(ids, **kwargs))
+
+
+def strip_answer_space(text: str) -> str:
+    """mmlm trains an answer after a prompt with a leading space (``sequence.join_answer``); captions drop it."""
+    return text[1:] if text.startswith(" ") else text
 
 
 def probe_image_side(folder: Path, config: dict) -> tuple[dict, int]:

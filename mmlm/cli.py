@@ -1,4 +1,4 @@
-"""The ``mmlm`` command line: train | eval | caption | classify | chat | ask | generate | data | demo.
+"""The ``mmlm`` command line: train | eval | caption | classify | chat | ask | generate | export | serve | data | demo.
 
 Every failure ends with one line on stderr: a user error (bad flag, missing file, bad config key, bad data)
 exits with status 2; an internal error (a bug) exits with status 1 and says where to report it.
@@ -230,6 +230,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """A saved VLM as a model transformers ships (loads without mmlm)."""
+    from mmlm.hf.llava import export_llava
+
+    print(export_llava(args.model if not Path(args.model, "model", "config.json").is_file()
+                       else Path(args.model, "model"), args.out))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from mmlm.serve import serve
+
+    serve(args.models, host=args.host, port=args.port, share=False)
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -377,6 +393,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a fast first look (lower quality)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="export a VLM to a transformers class (use it without mmlm)",
+                       formatter_class=fmt, epilog=_examples("""
+        mmlm export runs/shapes_llava runs/shapes_llava/llava --to llava
+    """))
+    p.add_argument("model", help="saved VLM folder or run folder")
+    p.add_argument("out", help="folder to write (model + processor)")
+    p.add_argument("--to", choices=["llava"], default="llava", help="target class (LlavaForConditionalGeneration)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="a local web demo (Gradio) of saved models", formatter_class=fmt,
+                       epilog=_examples("""
+        mmlm serve runs/demo/captioner runs/demo/generator --port 7860
+    """))
+    p.add_argument("models", nargs="+", help="saved model or run folders (VLMs and generators)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

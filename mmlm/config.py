@@ -240,6 +240,7 @@ class DataConfig:
     allow_absolute_paths: bool = False
     max_image_pixels: int = 64_000_000
     caption_choice: str = "random"  # "random": one of a record's captions per epoch; "first": always the first
+    shuffle_buffer: int = 1000  # streamed (tar shard) training data: samples in the shuffle buffer; 0 = stream order
 
     def __post_init__(self):
         if self.caption_choice not in ("random", "first"):
@@ -248,6 +249,8 @@ class DataConfig:
             raise ConfigError(f"data.on_bad_image: expected 'error' or 'skip', got {self.on_bad_image!r}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size: expected >= 1, got {self.batch_size}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer: expected >= 0, got {self.shuffle_buffer}")
 
 
 @dataclasses.dataclass

@@ -15,144 +15,24 @@ import csv
 import glob
 import io
 import json
-import re
-import tarfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from PIL import Image
-
 from mmlm.errors import DataError  # shared with mmlm.images; still importable from here
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-FORMATS = ("auto", "jsonl", "csv", "coco", "imagefolder", "webdataset", "hf")
-
-
-@dataclass
-class Record:
-    """One image with its captions, an optional label and free-form attributes."""
-
-    image: str | Path | bytes | Image.Image  # a path (decoded lazily), encoded bytes (shards) or an image
-    captions: list[str]
-    label: str | None = None
-    attributes: dict = field(default_factory=dict)
-    source: str = ""  # where it came from: "manifest.jsonl:12", "coco.json:images[3]", "shard-0001.tar:key"
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _decode_utf8(data: bytes, path: Path) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start})") from err
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _lone_surrogate_at(value: Any, key: str) -> str | None:
-    """The key path of the first string holding a lone surrogate (a JSON "\\ud800" escape decodes to one)."""
-    if isinstance(value, str):
-        return None if _is_utf8(value) else key
-    if isinstance(value, dict):
-        for name, item in value.items():
-            if isinstance(name, str) and not _is_utf8(name):
-                return f"a key of {key}"
-            found = _lone_surrogate_at(item, f"{key}.{name}")
-            if found:
-                return found
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _lone_surrogate_at(item, f"{key}[{i}]")
-            if found:
-                return found
-    return None
-
-
-def _check_unicode(value: Any, where: str, key: str = "row") -> None:
-    """Refuse text that cannot be encoded as UTF-8: it would break tokenizers and every file written later."""
-    found = _lone_surrogate_at(value, key)
-    if found:
-        raise DataError(f"{where}: {found} holds invalid Unicode (a lone surrogate, e.g. the JSON escape "
-                        "\\ud800 on its own); write the text as valid UTF-8")
-
-
-def _resolve_image(value: Any, root: Path, where: str, allow_absolute_paths: bool, check_files: bool) -> Path:
-    """An image path from a manifest, relative to ``root``; refuses escapes and (optionally) missing files."""
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{where}: 'image' must be a non-empty string path, got {value!r}")
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", value):
-        raise DataError(f"{where}: image '{value}' is a URL; only local files are supported (download them first)")
-    rel = Path(value)
-    if rel.is_absolute():
-        if not allow_absolute_paths:
-            raise DataError(f"{where}: absolute image path '{value}' refused; "
-                            "use a path relative to the manifest or set allow_absolute_paths=True")
-        path = rel
-    else:
-        path = (root / rel).resolve()
-        if not allow_absolute_paths and not path.is_relative_to(root.resolve()):
-            raise DataError(f"{where}: image path '{value}' escapes the manifest folder {root}; "
-                            "refused (set allow_absolute_paths=True to allow it)")
-    if check_files and not path.is_file():
-        raise DataError(f"{where}: image file not found: {path}")
-    return path
-
-
-def _captions_from(row: dict, where: str) -> list[str]:
-    captions: list[str] = []
-    if "caption" in row and row["caption"] is not None:
-        if not isinstance(row["caption"], str):
-            raise DataError(f"{where}: 'caption' must be a string, got {type(row['caption']).__name__}")
-        captions.append(row["caption"])
-    if "captions" in row and row["captions"] is not None:
-        value = row["captions"]
-        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-            raise DataError(f"{where}: 'captions' must be a list of strings, got {value!r:.80}")
-        captions.extend(value)
-    return captions
-
-
-def _label_from(row: dict, label_field: str, where: str) -> str | None:
-    value = row.get(label_field)
-    if value is None:
-        return None
-    if isinstance(value, (dict, list)):
-        raise DataError(f"{where}: label '{label_field}' must be a string or number, got {type(value).__name__}")
-    return str(value)
-
-
-def _record_from_row(row: Any, root: Path, where: str, label_field: str, allow_absolute_paths: bool,
-                     check_files: bool) -> Record:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object with keys image, caption/captions, got {type(row).__name__}")
-    _check_unicode(row, where)
-    if "image" not in row:
-        raise DataError(f"{where}: missing key 'image' (found keys: {', '.join(map(str, row)) or 'none'})")
-    captions = _captions_from(row, where)
-    prompt = row.get("prompt")
-    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):  # kept in attributes["prompt"]
-        raise DataError(f"{where}: 'prompt' must be a non-empty string (the row's own question), got {prompt!r:.80}")
-    label = _label_from(row, label_field, where)
-    if label is None and isinstance(row.get("attributes"), dict):  # e.g. label_field="colour" in a shapes manifest
-        label = _label_from(row["attributes"], label_field, where)
-    if not captions and label is None:
-        raise DataError(f"{where}: missing key 'caption' or 'captions' (or a '{label_field}' label)")
-    attributes = dict(row.get("attributes") or {}) if isinstance(row.get("attributes"), dict) else {}
-    for key, value in row.items():
-        if key not in ("image", "caption", "captions", "attributes", label_field):
-            attributes[key] = value
-    path = _resolve_image(row["image"], root, where, allow_absolute_paths, check_files)
-    return Record(image=path, captions=captions, label=label, attributes=attributes, source=where)
+from .hf_source import _hf_records
+from .records import (  # noqa: F401 - re-exported: readers elsewhere import them from here
+    FORMATS,
+    IMAGE_EXTENSIONS,
+    Record,
+    _captions_from,
+    _check_unicode,
+    _decode_utf8,
+    _label_from,
+    _record_from_row,
+    _resolve_image,
+)
+from .shards import expand_braces, iter_shard, shard_paths  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- file formats
@@ -265,155 +145,6 @@ def _scan_imagefolder(root: Path):
     if not found:
         raise DataError(f"{root}: no images found; an ImageFolder needs class_name/xxx.jpg subfolders "
                         f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
-
-
-# ----------------------------------------------------------------------------- webdataset shards
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """``shard-{000..002}.tar`` -> three names; ``{a,b}`` lists too (the webdataset/braceexpand syntax)."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.groups()
-        width = len(lo) if lo.startswith("0") else 0
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    return [name for option in options for name in expand_braces(head + option + tail)]
-
-
-def shard_paths(pattern: str | Path) -> list[Path]:
-    """The tar shards a brace/glob pattern (or one file or folder of .tar files) names, sorted."""
-    text = str(pattern)
-    if Path(text).is_dir():
-        paths = sorted(Path(text).glob("*.tar"))
-    else:
-        paths = []
-        for name in expand_braces(text):
-            matches = sorted(glob.glob(name)) if glob.has_magic(name) else [name]
-            paths.extend(Path(p) for p in matches)
-    if not paths:
-        raise DataError(f"{text}: no webdataset shards match this pattern")
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise DataError(f"{text}: shard file(s) not found: {', '.join(missing[:5])}")
-    return paths
-
-
-def _sample_to_record(shard: Path, key: str, files: dict[str, bytes], label_field: str) -> Record:
-    where = f"{shard.name}:{key}"
-    images = [ext for ext in files if "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
-    if not images:
-        raise DataError(f"{shard}:{key}: sample has no image member (found {', '.join(sorted(files))})")
-    captions, label, attributes = [], None, {}
-    if "json" in files:
-        try:
-            meta = json.loads(files["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise DataError(f"{shard}:{key}.json: invalid UTF-8 JSON ({err})") from err
-        if not isinstance(meta, dict):
-            raise DataError(f"{shard}:{key}.json: expected a JSON object, got {type(meta).__name__}")
-        captions = _captions_from(meta, f"{shard}:{key}.json")
-        label = _label_from(meta, label_field, f"{shard}:{key}.json")
-        attributes = {k: v for k, v in meta.items() if k not in ("caption", "captions", label_field)}
-    for ext in ("txt", "caption"):
-        if ext in files:
-            try:
-                captions.insert(0, files[ext].decode("utf-8").strip())
-            except UnicodeDecodeError as err:
-                raise DataError(f"{shard}:{key}.{ext}: not UTF-8 text") from err
-    for ext in ("cls", "label"):
-        if ext in files and label is None:
-            label = files[ext].decode("utf-8", errors="replace").strip()
-    return Record(image=files[images[0]], captions=captions, label=label, attributes=attributes, source=where)
-
-
-def iter_shard(shard: Path, label_field: str = "label") -> Iterator[Record | DataError]:
-    """Stream one tar shard; members sharing a key (``dir/key.ext``) form one sample."""
-    key, files = None, {}
-    try:
-        with tarfile.open(shard, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name
-                base = name.rsplit("/", 1)[-1]
-                if base.startswith(".") or "." not in base:
-                    continue
-                prefix = name[: len(name) - len(base)]
-                sample_key, ext = prefix + base.split(".", 1)[0], base.split(".", 1)[1].lower()
-                data = tar.extractfile(member).read()
-                if sample_key != key and files:
-                    yield _safe_record(shard, key, files, label_field)
-                    files = {}
-                key = sample_key
-                files[ext] = data
-    except (tarfile.TarError, OSError, EOFError) as err:
-        if files:
-            yield _safe_record(shard, key, files, label_field)
-        yield DataError(f"{shard}: unreadable or truncated tar shard after key {key!r} ({err})")
-        return
-    if files:
-        yield _safe_record(shard, key, files, label_field)
-
-
-def _safe_record(shard: Path, key: str, files: dict[str, bytes], label_field: str) -> Record | DataError:
-    try:
-        return _sample_to_record(shard, key, files, label_field)
-    except DataError as err:
-        return err
-
-
-# ----------------------------------------------------------------------------- Hugging Face datasets
-
-
-def _hf_records(dataset: Any, name: str, label_field: str) -> Iterator[Record | DataError]:
-    import datasets as hf
-
-    if isinstance(dataset, hf.DatasetDict):
-        raise DataError(f"{name}: a DatasetDict with splits {list(dataset)}; point the source at one split "
-                        f"(e.g. {name}/{next(iter(dataset), 'train')})")
-    features = dataset.features
-    image_cols = [c for c, f in features.items() if isinstance(f, hf.Image)] or \
-        [c for c in ("image", "img", "image_path", "file_name") if c in features]
-    if not image_cols:
-        raise DataError(f"{name}: no image column (an Image feature or a column named image/img); "
-                        f"columns are {list(features)}")
-    text_cols = [c for c in ("caption", "captions", "text", "sentences") if c in features]
-    image_col = image_cols[0]
-    if isinstance(features[image_col], hf.Image) and features[image_col].decode:
-        # Keep the encoded bytes: lighter than decoded images, and decoded later by our safe decoder.
-        dataset = dataset.cast_column(image_col, hf.Image(decode=False))
-    label_feature = features.get(label_field)
-    for i, row in enumerate(dataset):
-        where = f"{name}[{i}]"
-        value = row[image_col]
-        if isinstance(value, dict):  # Image(decode=False): {"bytes": ..., "path": ...}
-            value = value.get("bytes") or value.get("path")
-        if value is None:
-            yield DataError(f"{where}: column '{image_col}' is empty")
-            continue
-        captions = []
-        for col in text_cols:
-            cell = row[col]
-            if isinstance(cell, str):
-                captions.append(cell)
-            elif isinstance(cell, list) and all(isinstance(c, str) for c in cell):
-                captions.extend(cell)
-            elif cell is not None:
-                yield DataError(f"{where}: column '{col}' must be a string or list of strings, got {cell!r:.60}")
-                break
-        else:
-            label = row.get(label_field)
-            if isinstance(label_feature, hf.ClassLabel) and label is not None:
-                label = label_feature.int2str(label)
-            attributes = {k: v for k, v in row.items() if k not in (image_col, label_field, *text_cols)}
-            yield Record(image=value, captions=captions, label=None if label is None else str(label),
-                         attributes=attributes, source=where)
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -112,3 +112,17 @@ def test_cli_export_writes_a_llava_folder(tmp_path):
     vlm_bad = tiny_vlm(projector="pixel_shuffle", reduce_factor=2, vision={**VIT, "feature_layer": -1})
     vlm_bad.save_pretrained(tmp_path / "bad")
     assert main(["export", str(tmp_path / "bad"), str(tmp_path / "out2"), "--to", "llava"]) == 2
+
+
+def test_the_llava_recipe_builds_a_model_that_exports(tmp_path):
+    from pathlib import Path
+
+    from mmlm.config import load_config
+    from mmlm.hf.llava import plan_llava
+    from mmlm.models import VisionLanguageModel
+
+    recipe = load_config(Path(__file__).resolve().parents[1] / "configs" / "shapes_captioner_llava.yaml", [])
+    vlm = VisionLanguageModel.from_config(recipe.model, ["a red circle on the left", "two blue squares"])
+    plan = plan_llava(vlm)
+    assert (plan.vision_layers, plan.feature_layer, plan.strategy) == (4, -1, "default")
+    assert vlm.num_image_tokens == 64

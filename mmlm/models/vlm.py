@@ -60,8 +60,8 @@ class VLMConfig:
     prompt: str = ""  # default prompt for captioning; may contain one "<image>"
     chat_template: str = "auto"  # auto | none | a Jinja template: how conversations render (models/chat.py)
     max_length: int = 64  # text tokens per sample (start + prompt + answer + eos), image tokens not counted
-    # A folder written by save_pretrained to start from: its weights and tokenizer (and its LM's config;
-    # language.name_or_path / config are then not read). vision / projector here must match the saved ones.
+    # A saved model folder (or a run folder holding model/) to start from: its weights, tokenizer and LM
+    # config (language.name_or_path / config are then not read); vision / projector must match the saved ones.
     init_from: str | None = None
     vision_lora: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)  # LoRA on the timm tower
     projector_lora: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)  # LoRA on the projector
@@ -70,9 +70,6 @@ class VLMConfig:
         if self.max_length < 2:
             raise ConfigError(f"model.max_length: expected >= 2, got {self.max_length}")
         check_prompt(self.prompt, "model.prompt")
-        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
-            raise ConfigError(f"model.init_from: {Path(self.init_from) / 'config.json'} not found; expected a folder "
-                              "written by save_pretrained (a run's model folder)")
 
 
 @dataclasses.dataclass

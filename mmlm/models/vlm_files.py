@@ -81,10 +81,19 @@ def save(model: VisionLanguageModel, path: Path) -> None:
     write_model_card(path)  # the trainer's final save rewrites it with the run's recipe, steps and metrics
 
 
+def resolve_init_from(init_from: str) -> Path:
+    """The saved model folder ``model.init_from`` names: the folder itself or a run folder's ``model/``."""
+    for folder in (Path(init_from), Path(init_from) / "model"):
+        if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
+            return folder
+    raise ConfigError(f"model.init_from: {init_from} holds no saved model ({CONFIG_NAME} + {WEIGHTS_NAME}, "
+                      "itself or in model/); expected a folder written by save_pretrained or a finished run")
+
+
 def start_from(cls: type[VisionLanguageModel], config: VLMConfig) -> VisionLanguageModel:
     """``model.init_from``: the model ``config`` describes, with the saved folder's weights (every
     adapter merged), tokenizer and LM config exactly; then this config's LoRA adapters go on."""
-    folder = Path(config.init_from)
+    folder = resolve_init_from(config.init_from)
     source = cls.from_pretrained(folder)
     _, tokenizer, lm_config = read_saved(folder)
     built = dataclasses.replace(

@@ -1,0 +1,199 @@
+"""Weight quantisation of a VisionLanguageModel for CPU serving, saved so ``mmlm.load`` runs it.
+
+PyTorch's own kernels do the work (``torch.ao``; fbgemm/x86 on CPU): every ``nn.Linear`` of the LM,
+the projector and the vision tower (a ViT's blocks; a CNN has none and stays fp32) becomes a
+dynamically quantised int8 Linear (per-channel int8 weights, activations quantised on the fly),
+and the LM's token embedding becomes an int8 (per-row) quantised embedding. A tied LM head is
+untied first so that both ends are int8. torch.ao has CPU kernels for int8 only: int4 needs torchao,
+which is not a dependency (its import makes transformers and diffusers log warnings on torch 2.14).
+
+A compressed folder is the model's ordinary folder (config.json, tokenizer, language/config.json)
+with ``model.safetensors`` holding the int8 tensors and scales, plus ``compression.json``. Loading
+builds the fp32 skeleton from the config, applies the same module swap, then fills in the stored
+tensors (strictly: a missing or unexpected tensor is an error naming it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+COMPRESSION_NAME = "compression.json"
+SCHEMES = ("int8",)
+PARTS = ("language", "projector", "vision")
+
+
+class CompressionError(ValueError):
+    """A scheme, part or folder the compressor cannot handle."""
+
+
+@dataclasses.dataclass
+class CompressionConfig:
+    scheme: str = "int8"
+    parts: tuple[str, ...] = PARTS
+    embeddings: bool = True  # int8 token embedding (and an untied int8 LM head)
+
+    def __post_init__(self):
+        if self.scheme == "int4":
+            raise CompressionError("int4: PyTorch's built-in CPU quantisation (torch.ao) has int8 kernels only; "
+                                   "int4 weight-only needs torchao, which mmlm does not depend on; use int8")
+        if self.scheme not in SCHEMES:
+            raise CompressionError(f"scheme: expected one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        self.parts = tuple(self.parts)
+        unknown = [p for p in self.parts if p not in PARTS]
+        if unknown:
+            raise CompressionError(f"parts: unknown {unknown}; expected a subset of {', '.join(PARTS)}")
+
+
+def _quantization():
+    """torch.ao's eager quantisation modules, without its deprecation warning (the kernels are current)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch.ao.nn.quantized as nnq
+        import torch.ao.nn.quantized.dynamic as nnqd
+        from torch.ao.quantization import float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig
+        from torch.ao.quantization import quantize_dynamic
+    return nnq, nnqd, quantize_dynamic, per_channel_dynamic_qconfig, float_qparams_weight_only_qconfig
+
+
+def _untie_head(lm: nn.Module) -> None:
+    head = lm.get_output_embeddings()
+    if head is not None and head.weight is lm.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    config = getattr(lm, "config", None)
+    if config is not None:  # so no later tie_weights() call ties them back
+        config.tie_word_embeddings = False
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text_config.tie_word_embeddings = False
+
+
+def quantize(model: nn.Module, config: CompressionConfig | None = None) -> nn.Module:
+    """Swap the model's modules for int8 ones in place (inference only); returns ``model``."""
+    from mmlm.models.language import base_causal_lm
+
+    config = config or CompressionConfig()
+    nnq, nnqd, quantize_dynamic, linear_qconfig, embedding_qconfig = _quantization()
+    model.eval().requires_grad_(False)
+    lm = base_causal_lm(model.language_model)
+    if config.embeddings and "language" in config.parts:
+        _untie_head(lm)
+        embedding = lm.get_input_embeddings()
+        embedding.qconfig = embedding_qconfig
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lm.set_input_embeddings(nnq.Embedding.from_float(embedding))
+    targets = {"language": model.language_model, "projector": model.projector, "vision": model.vision}
+    for part in config.parts:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(targets[part], {nn.Linear: linear_qconfig}, dtype=torch.qint8, inplace=True)
+    model.compression = config
+    return model
+
+
+def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    nnq, nnqd, *_ = _quantization()
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nnqd.Linear, nnq.Embedding))}
+
+
+def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain tensors for safetensors: each int8 module's integer weights, scales, zero points and bias,
+    and every other float parameter and buffer under its own name."""
+    state: dict[str, torch.Tensor] = {}
+    quantized = _quantized_modules(model)
+    for name, module in quantized.items():
+        weight = module.weight()
+        state[f"{name}.qweight"] = weight.int_repr()
+        state[f"{name}.qscale"] = weight.q_per_channel_scales().float()
+        state[f"{name}.qzero"] = weight.q_per_channel_zero_points()
+        bias = module.bias() if callable(getattr(module, "bias", None)) else None
+        if bias is not None:
+            state[f"{name}.bias"] = bias.detach()
+    prefixes = tuple(f"{n}." for n in quantized)
+    for key, value in model.state_dict().items():
+        if not key.startswith(prefixes) and isinstance(value, torch.Tensor) and not value.is_quantized:
+            state[key] = value
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Fill a quantised skeleton from ``quantized_state``'s tensors; every tensor must be used, none missing."""
+    nnq, nnqd, *_ = _quantization()
+    state = dict(state)
+    for name, module in _quantized_modules(model).items():
+        try:
+            ints, scales, zeros = (state.pop(f"{name}.{k}") for k in ("qweight", "qscale", "qzero"))
+        except KeyError as err:
+            raise CompressionError(f"{where}: no {err.args[0]} for the int8 module {name}") from err
+        if isinstance(module, nnq.Embedding):
+            weight = torch._make_per_channel_quantized_tensor(ints, scales, zeros, 0)
+            module.set_weight(weight)
+        else:
+            weight = torch._make_per_channel_quantized_tensor(ints, scales.double(), zeros, 0)
+            module.set_weight_bias(weight, state.pop(f"{name}.bias", None))
+    # int8 modules read only their own state-dict layout: copy the remaining float tensors one by one.
+    prefixes = tuple(f"{n}." for n in _quantized_modules(model))
+    targets = {k: v for k, v in model.state_dict(keep_vars=True).items()
+               if not k.startswith(prefixes) and isinstance(v, torch.Tensor)}
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise CompressionError(f"{where}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for key, target in targets.items():
+            if target.shape != state[key].shape:
+                raise CompressionError(f"{where}: {key} has shape {tuple(state[key].shape)}, "
+                                       f"the model expects {tuple(target.shape)}")
+            target.copy_(state[key])
+
+
+def is_compressed(path: str | Path) -> bool:
+    return (Path(path) / COMPRESSION_NAME).is_file()
+
+
+def save_compressed(model: nn.Module, out: str | Path, config: CompressionConfig | None = None) -> nn.Module:
+    """Quantise the fp32 ``model`` (in place) and write it as a folder ``mmlm.load`` reads; returns the model.
+
+    The model's own ``save_pretrained`` writes the ordinary files first (config, tokenizer, LM config,
+    model card); the weights file is then replaced by the int8 one.
+    """
+    from mmlm.models.vlm_files import WEIGHTS_NAME
+
+    if getattr(model, "compression", None) is not None:
+        raise CompressionError("save_compressed: the model is already quantised; pass the fp32 model")
+    out = Path(out)
+    model.save_pretrained(out)
+    quantize(model, config)
+    config = model.compression
+    save_file(quantized_state(model), str(out / WEIGHTS_NAME), metadata={"format": "pt", "mmlm": config.scheme})
+    meta = {"scheme": config.scheme, "parts": list(config.parts), "embeddings": config.embeddings,
+            "library": f"torch.ao dynamic quantisation (torch {torch.__version__})"}
+    (out / COMPRESSION_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return model
+
+
+def load_compressed(path: str | Path) -> nn.Module:
+    """The quantised VisionLanguageModel in a folder written by :func:`save_compressed`."""
+    from mmlm.config import ConfigError
+    from mmlm.models.vlm import VisionLanguageModel
+    from mmlm.models.vlm_files import WEIGHTS_NAME, read_saved
+
+    path = Path(path)
+    meta_file = path / COMPRESSION_NAME
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        config = CompressionConfig(scheme=meta["scheme"], parts=tuple(meta["parts"]), embeddings=meta["embeddings"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ConfigError(f"{meta_file}: not a compression record ({err})") from err
+    vlm_config, tokenizer, lm_config = read_saved(path)
+    vlm_config.language.tokenizer = None
+    model = VisionLanguageModel.from_config(vlm_config, _lm_config=lm_config, _tokenizer=tokenizer)
+    quantize(model, config)
+    load_quantized_state(model, load_file(str(path / WEIGHTS_NAME)), str(path / WEIGHTS_NAME))
+    return model

@@ -125,7 +125,9 @@ def load_vision_language_model(path: str | Path) -> nn.Module:
     if model_kind(path) != "vision_language":
         raise ValueError(f"{path} holds a text-to-image model; captioning and classification need a "
                          "vision-language model")
-    return VisionLanguageModel.from_pretrained(path)
+    from mmlm.models.compress import is_compressed, load_compressed  # `mmlm compress` folders (int8)
+
+    return load_compressed(path) if is_compressed(path) else VisionLanguageModel.from_pretrained(path)
 
 
 def load_text_to_image_model(path: str | Path) -> nn.Module:

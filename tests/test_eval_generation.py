@@ -9,15 +9,13 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from mmlm.eval.generation_metrics import (
-    ShapesJudge,
     extract_features,
     feature_statistics,
     frechet_distance,
     frechet_distance_from_stats,
     kernel_inception_distance,
-    prompt_fidelity,
-    target_kind_colour,
 )
+from mmlm.eval.shapes_judge import ShapesJudge, prompt_fidelity, target_kind_colour
 
 # ------------------------------------------------------------------------------------------------ FID
 
@@ -254,7 +252,7 @@ def test_judge_input_errors():
 @pytest.mark.slow
 def test_judge_on_the_real_shapes_dataset():
     shapes = pytest.importorskip("mmlm.data.shapes")
-    from mmlm.eval.generation_metrics import train_shapes_judge
+    from mmlm.eval.shapes_judge import train_shapes_judge
 
     judge, report = train_shapes_judge(steps=600, n_train=2000, n_test=300)
     assert judge.config.kinds == list(shapes.SHAPE_KINDS)

@@ -3,14 +3,12 @@
 from mmlm.eval.caption_metrics import caption_scores, exact_match_rate, tokenize_caption
 from mmlm.eval.classification_metrics import classification_report, save_confusion_matrix_png
 from mmlm.eval.generation_metrics import (
-    ShapesJudge,
     extract_features,
     feature_statistics,
     frechet_distance,
     kernel_inception_distance,
-    prompt_fidelity,
-    train_shapes_judge,
 )
+from mmlm.eval.shapes_judge import ShapesJudge, prompt_fidelity, train_shapes_judge
 from mmlm.eval.plots import image_grid, plot_loss_curve
 from mmlm.eval.report import ReportWriter, write_metrics
 

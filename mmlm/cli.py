@@ -226,7 +226,7 @@ def cmd_data_inspect(args) -> int:
 def cmd_demo(args) -> int:
     from mmlm.demo import run_demo
 
-    run_demo(out_dir=args.out, quick=args.quick)
+    run_demo(out_dir=args.out, quick=args.quick, max_minutes=args.max_minutes)
     return 0
 
 
@@ -243,6 +243,47 @@ def cmd_serve(args) -> int:
     from mmlm.serve import serve
 
     serve(args.models, host=args.host, port=args.port, share=False)
+    return 0
+
+
+def cmd_explain(args) -> int:
+    """Relevance overlays (one panel per content word) and the maps' words as JSON, per image."""
+    from mmlm.api import load_vlm
+    from mmlm.models.explain import explain, overlay
+
+    paths = _image_paths(args.images)
+    model = load_vlm(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = ["rollout", "gradient"] if args.method == "both" else [args.method]
+    rows = []
+    for path, item in zip(paths, explain(model, [str(p) for p in paths], text=args.text, prompt=args.prompt)):
+        files = []
+        for method in methods:
+            target = out / f"{path.stem}_{method}.png"
+            overlay(str(path), item, method).save(target)
+            files.append(str(target))
+        rows.append({"image": str(path), "caption": item.caption, "overlays": files,
+                     "words": [item.words[i][0] for i in item.content_words()]})
+        print(f"{path}  {item.caption}  -> {', '.join(files)}")
+    (out / "explanations.json").write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    """An int8 copy of a saved VLM that mmlm.load reads."""
+    from mmlm.api import load_vlm
+    from mmlm.models.compress import PARTS, CompressionConfig, save_compressed
+    from mmlm.models.vlm_files import WEIGHTS_NAME
+    from mmlm.tasks.common import model_folder
+
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip()) if args.parts else PARTS
+    config = CompressionConfig(scheme="int4" if args.int4 else "int8", parts=parts)
+    source = model_folder(args.model)
+    save_compressed(load_vlm(source), args.out, config)
+    before, after = (Path(f, WEIGHTS_NAME).stat().st_size for f in (source, args.out))
+    print(f"{args.out}: {config.scheme} ({', '.join(config.parts)}), weights {before / 1e6:.2f} MB -> "
+          f"{after / 1e6:.2f} MB ({after / before:.2f}x)")
     return 0
 
 
@@ -387,11 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole framework on the embedded shapes data", formatter_class=fmt,
                        epilog=_examples("""
-        mmlm demo                   # about 16 minutes on a 2-core CPU
-        mmlm demo --quick --out /tmp/demo   # under 2 minutes, lower quality
+        mmlm demo                   # quality set in steps: prints its ETA once the first steps are timed
+        mmlm demo --max-minutes 10  # capped: the quality bars may not be reached
+        mmlm demo --quick --out /tmp/demo   # under 2 minutes, quality far below the demo's
     """))
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="a fast first look (lower quality)")
+    p.add_argument("--quick", action="store_true", help="a fast first look (quality far below the demo's)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="cap the whole run at N minutes (the quality bars may then not be reached)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="export a VLM to a transformers class (use it without mmlm)",
@@ -411,6 +455,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("explain", help="where the captioner looks: relevance overlays per caption word",
+                       formatter_class=fmt, epilog=_examples("""
+        mmlm explain runs/demo/captioner photo.png --out explained/
+        mmlm explain runs/demo/captioner photo.png --text "a small red circle on the left" --method gradient --out x/
+    """))
+    p.add_argument("model", help="saved VLM folder or run folder")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, help="folder for the overlays and explanations.json")
+    p.add_argument("--text", default=None, help="explain this caption instead of the generated one")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--method", choices=["rollout", "gradient", "both"], default="both",
+                   help="attention rollout, gradient x attention, or both")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("compress", help="quantise a VLM's weights for CPU serving (mmlm.load reads the result)",
+                       formatter_class=fmt, epilog=_examples("""
+        mmlm compress runs/demo/captioner runs/demo/captioner_int8 --int8
+    """))
+    p.add_argument("model", help="saved VLM folder or run folder")
+    p.add_argument("out", help="folder to write")
+    scheme = p.add_mutually_exclusive_group(required=True)
+    scheme.add_argument("--int8", action="store_true", help="int8 weights (torch.ao dynamic quantisation, CPU)")
+    scheme.add_argument("--int4", action="store_true", help="int4 weights (not available with torch.ao: an error)")
+    p.add_argument("--parts", default=None, help="comma list of language,projector,vision (default: all)")
+    p.set_defaults(func=cmd_compress)
     return parser
 
 

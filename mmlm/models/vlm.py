@@ -303,6 +303,14 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ generation (mmlm.models.generation)
 
+    def explain(self, images: Any, text: str | Sequence[str] | None = None, prompt: str | None = None,
+                max_new_tokens: int = 32) -> list:
+        """Relevance maps of each caption token over each image (``mmlm.models.explain``): attention rollout
+        and gradient x attention, for ``text`` or the greedy caption."""
+        from mmlm.models.explain import explain
+
+        return explain(self, images, text, prompt, max_new_tokens)
+
     def caption(self, images: Any, prompt: str | Sequence[str] | None = None, max_new_tokens: int = 32,
                 num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                 top_p: float | None = None, batch_size: int = 32, progress: bool = False,

@@ -31,7 +31,7 @@ from safetensors.torch import load_model
 from torch import nn
 from mmlm.config import ConfigError, from_dict
 from mmlm.images import load_image
-from mmlm.models import generation, scoring, vlm_files
+from mmlm.models import explain as explain_module, generation, scoring, vlm_files
 from mmlm.models.adapters import AdapterConfig, add_lora
 from mmlm.models.head import decoder_of, label_loss
 from mmlm.models.language import (
@@ -303,13 +303,9 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ generation (mmlm.models.generation)
 
-    def explain(self, images: Any, text: str | Sequence[str] | None = None, prompt: str | None = None,
-                max_new_tokens: int = 32) -> list:
-        """Relevance maps of each caption token over each image (``mmlm.models.explain``): attention rollout
-        and gradient x attention, for ``text`` or the greedy caption."""
-        from mmlm.models.explain import explain
-
-        return explain(self, images, text, prompt, max_new_tokens)
+    def explain(self, images: Any, text: str | Sequence[str] | None = None, prompt: str | None = None) -> list:
+        """Relevance maps of caption tokens over the images (rollout, gradient x attention): ``models.explain``."""
+        return explain_module.explain(self, images, text, prompt)
 
     def caption(self, images: Any, prompt: str | Sequence[str] | None = None, max_new_tokens: int = 32,
                 num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,

@@ -1,8 +1,13 @@
 """``mmlm demo``: the whole framework on the embedded shapes data, in one run folder.
 
 Generates the data, trains the shapes captioner and the shapes text-to-image model through the shared
-harness, evaluates both (captions, zero-shot classification, prompt fidelity, FID/KID, caption round
+harness, evaluates both once (captions, zero-shot classification, prompt fidelity, FID/KID, caption round
 trip) and writes report.md / report.html with pictures, metrics.json and the saved models.
+
+Quality is set in optimizer steps (each recipe's ``train.max_steps``, sized to reach the bars in
+:mod:`mmlm.eval.bars`), so every machine trains the same models and only the duration differs: the demo
+times the first steps of each stage and prints an ETA (:mod:`mmlm.demo_plan`). ``max_minutes`` caps the
+whole run; then the bars may not be reached, and the terminal and the report say so.
 """
 
 from __future__ import annotations
@@ -10,19 +15,27 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from mmlm.config import ConfigError, load_config
+from mmlm.demo_plan import SpeedMeter, Stage, StageWatch, cap_shares, format_duration, remaining_cap, run_eta
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ZERO_SHOT_TEMPLATES = ["a small {}", "a large {}"]  # captions start "a <size> <colour> <kind>"
 DEMO_PROMPTS = ["a large red circle in the center", "a small blue square on the left",
                 "a large green triangle at the top", "a small yellow star on the right",
                 "a large purple square at the bottom", "a small orange circle in the center"]
+ZERO_SHOT_IMAGES = 500  # +-2 points (95%) at 90% accuracy: 1.96 * sqrt(.9 * .1 / 500) = 2.6, 1.9 at 95%
 
-# --quick: the same path at a fraction of the budget (lower quality, said so in the report).
-QUICK_CAPTIONER = ["train.max_minutes=0.5", "train.warmup_steps=10", "data.shapes.n_test=64",
-                   "data.shapes.n_compositional=64", "data.shapes.n_val=32", "eval.max_samples=64"]
-QUICK_GENERATOR = ["train.max_minutes=0.4", "train.warmup_steps=10", "model.vae.train_steps=60",
-                   "eval.max_samples=24", "eval.judge_steps=150", "data.shapes.n_test=32", "data.shapes.n_val=16"]
+# --quick: the same path at a fraction of the steps, each stage also capped in minutes (said so in the report).
+QUICK_CAPTIONER = ["train.max_steps=250", "train.max_minutes=0.5", "train.warmup_steps=10",
+                   "data.shapes.n_test=64", "data.shapes.n_compositional=64", "data.shapes.n_val=32",
+                   "eval.max_samples=64"]
+QUICK_GENERATOR = ["train.max_steps=150", "train.max_minutes=0.4", "train.warmup_steps=10",
+                   "model.vae.train_steps=60", "eval.max_samples=24", "eval.judge_steps=150",
+                   "data.shapes.n_test=32", "data.shapes.n_val=16"]
+QUICK_NOTE = ("Quick run (--quick): a few hundred steps per model, so the quality is far below the full demo's "
+              "and the bars are not expected to be met. Run `mmlm demo` without --quick for the real figures.")
 
 
 def recipe(name: str) -> Path:
@@ -37,56 +50,175 @@ def _section(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
-    """Train, evaluate and report; returns the metrics written to ``out_dir/metrics.json``."""
+def planned_steps(cfg, name: str) -> int:
+    if cfg.train.max_steps is None:
+        raise ConfigError(f"the demo's {name} recipe needs train.max_steps: the demo's quality is set in steps")
+    return int(cfg.train.max_steps)
+
+
+def cap_note(max_minutes: float) -> str:
+    return (f"Capped by --max-minutes {max_minutes:g}: each stage stops at its share of the cap even if its "
+            "planned steps are not done, so the quality bars may not be reached.")
+
+
+class Progress:
+    """Prints the measured speed and the ETAs of the stage and of the whole run (from the stage's log)."""
+
+    def __init__(self, stages: list[Stage], started: float, caps: dict[str, float] | None = None):
+        self.stages, self.started, self.caps = stages, started, caps or {}
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    def message(self, name: str, meter: SpeedMeter, step: int) -> str:
+        stage = self.stage(name)
+        stage.steps_per_s = meter.steps_per_s
+        left = (stage.steps - step) / stage.steps_per_s
+        cap = self.caps.get(name)
+        if cap is not None and meter.last is not None:
+            left = min(left, max(0.0, cap * 60 - meter.last[1]))
+        elapsed = time.perf_counter() - self.started
+        total = run_eta(self.stages, name, left, elapsed)
+        first, last = meter.span
+        text = (f"{name}: {stage.steps_per_s:.2f} steps/s (timed over steps {first}-{last}); "
+                f"about {format_duration(left)} of training left in this stage")
+        if total is not None:
+            text += f", about {format_duration(total)} left for the whole demo"
+        if cap is not None and stage.steps / stage.steps_per_s > cap * 60:
+            reach = int(cap * 60 * stage.steps_per_s)
+            text += (f"; the cap ({cap:.1f} training min) allows about {reach:,} of {stage.steps:,} steps: "
+                     "the bars may not be reached")
+        return text
+
+    def watch(self, name: str, run_dir: Path) -> StageWatch:
+        return StageWatch(run_dir / "metrics.jsonl", self.stage(name).steps,
+                          lambda meter, step: tqdm.write("ETA " + self.message(name, meter, step)))
+
+
+def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes: float | None = None) -> dict:
+    """Train, evaluate and report; returns the metrics written to ``out_dir/metrics.json``.
+
+    ``max_minutes`` caps the whole run (then the bars may not be reached)."""
     from mmlm.api import load, train
     from mmlm.eval import write_metrics
 
     out = Path(out_dir)
     if (out / "captioner" / "checkpoints").exists() or (out / "generator" / "checkpoints").exists():
         raise ValueError(f"{out} already holds a demo run; pick another --out or delete it")
+    if max_minutes is not None and max_minutes <= 0:
+        raise ValueError(f"--max-minutes: expected > 0, got {max_minutes}")
+    cap_cfg = load_config(recipe("shapes_captioner.yaml"), QUICK_CAPTIONER if quick else [])
+    gen_cfg = load_config(recipe("shapes_diffusion.yaml"), QUICK_GENERATOR if quick else [])
+    stages = [Stage("captioner", planned_steps(cap_cfg, "captioner")),
+              Stage("generator", planned_steps(gen_cfg, "generator"))]
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    print("Plan: " + ", ".join(f"{s.name} {s.steps:,} steps" for s in stages)
+          + ". Quality is set in steps; the time depends on this machine (ETAs follow once the first steps "
+            "are timed).")
+    if quick:
+        print(QUICK_NOTE)
+    caps: dict[str, float] = {}
+    if max_minutes is not None:
+        caps["captioner"] = cap_shares(stages, max_minutes)["captioner"]
+        print(cap_note(max_minutes))
+    progress = Progress(stages, started, caps)
 
     _section("1/4 data: the procedural shapes dataset")
     data_summary = write_data_sample(out / "data_sample")
 
     _section("2/4 captioner: timm encoder -> projector -> causal LM, trained from scratch")
-    cap_cfg = load_config(recipe("shapes_captioner.yaml"), QUICK_CAPTIONER if quick else [])
     cap_cfg.output_dir = str(out / "captioner")
+    _apply_cap(cap_cfg, caps.get("captioner"))
     t0 = time.perf_counter()
-    cap_result = train(cap_cfg)
+    with progress.watch("captioner", out / "captioner"):
+        cap_result = train(cap_cfg)
     timings["captioner_s"] = time.perf_counter() - t0
+    _record_speed(stages[0], cap_result)
 
     _section("3/4 generator: text-conditioned diffusion (UNet on 2x2 pixel patches), trained from scratch")
-    gen_cfg = load_config(recipe("shapes_diffusion.yaml"), QUICK_GENERATOR if quick else [])
     gen_cfg.output_dir = str(out / "generator")
     gen_cfg.eval.captioner = str(out / "captioner" / "model")  # caption round trip of generated images
+    if max_minutes is not None:
+        caps["generator"] = remaining_cap(max_minutes, time.perf_counter() - started, stages[1:])
+    _apply_cap(gen_cfg, caps.get("generator"))
     t0 = time.perf_counter()
-    gen_result = train(gen_cfg)
+    with progress.watch("generator", out / "generator"):
+        gen_result = train(gen_cfg)
     timings["generator_s"] = time.perf_counter() - t0
+    _record_speed(stages[1], gen_result)
 
     _section("4/4 evaluation and report")
+    t0 = time.perf_counter()
     captioner, generator = load(out / "captioner"), load(out / "generator")
-    zero_shot = zero_shot_classification(captioner, cap_cfg, n=64 if quick else 500)
+    zero_shot = zero_shot_classification(captioner, cap_cfg, n=64 if quick else ZERO_SHOT_IMAGES)
+    timings["zero_shot_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     metrics = {
         "quick": quick,
+        "max_minutes": max_minutes,
         "captioner": _split_metrics(cap_result),
         "zero_shot_classification": zero_shot["metrics"],
         "generator": _split_metrics(gen_result),
+        "plan": {s.name: {"planned_steps": s.steps, "steps_per_s": s.steps_per_s} for s in stages},
         "data": data_summary,
         "timings": timings,
     }
+    metrics["bars"] = bar_summary(metrics)
     write_metrics(metrics, out / "metrics.json")
     report = write_report(out, metrics, captioner, generator, cap_cfg, zero_shot, quick)
+    metrics["timings"]["report_s"] = time.perf_counter() - started - timings["total_s"]
+    write_metrics(metrics, out / "metrics.json")
+    print_outcome(metrics)
     print_next_steps(out, report)
     return metrics
 
 
+def _apply_cap(cfg, cap_minutes: float | None) -> None:
+    """The stage's share of ``--max-minutes`` as its training-time cap (a tighter cap in the recipe wins)."""
+    if cap_minutes is None:
+        return
+    current = cfg.train.max_minutes
+    cfg.train.max_minutes = cap_minutes if current is None else min(current, cap_minutes)
+
+
+def _record_speed(stage: Stage, result: dict) -> None:
+    """The stage's speed over the whole run (training time only), replacing the early estimate."""
+    if result.get("elapsed_s"):
+        stage.steps_per_s = result["step"] / result["elapsed_s"]
+
+
+def bar_summary(metrics: dict) -> dict:
+    """Every bar with its figure and whether it was met, per stage; ``all_met`` over all of them."""
+    from mmlm.eval.bars import bar_results
+
+    rows, all_met = {}, True
+    for stage in ("captioner", "zero_shot_classification", "generator"):
+        for bar, value, ok in bar_results(stage, metrics[stage]):
+            rows[f"{stage}/{bar.key}"] = {"label": bar.label, "value": value, "bar": bar.threshold, "met": ok}
+            all_met &= ok
+    return {"all_met": all_met, "bars": rows}
+
+
+def print_outcome(metrics: dict) -> None:
+    """The bars, one line each, in the terminal."""
+    from mmlm.eval.bars import percent
+
+    print()
+    for row in metrics["bars"]["bars"].values():
+        value = "not measured" if row["value"] is None else percent(row["value"])
+        print(f"  {'met    ' if row['met'] else 'NOT met'}  {row['label']} {value} (bar {percent(row['bar'], 0)})")
+    if metrics["bars"]["all_met"]:
+        print("Every quality bar was met.")
+    elif metrics["quick"]:
+        print(QUICK_NOTE)
+    elif metrics["max_minutes"] is not None:
+        print(cap_note(metrics["max_minutes"]))
+
+
 def _split_metrics(result: dict) -> dict:
-    keep = ("step", "elapsed_s", "train/loss")
+    keep = ("step", "samples_seen", "elapsed_s", "train/loss")
     return {k: v for k, v in result.items() if k in keep or k.startswith(("test/", "compositional/", "val/"))}
 
 
@@ -125,29 +257,64 @@ def zero_shot_classification(captioner, cfg, n: int) -> dict:
     return {"metrics": metrics, "records": records, "probs": probs, "labels": labels}
 
 
+def summary_lines(metrics: dict) -> list[str]:
+    """The report's first section: what was trained, how long it took, whether every bar was met."""
+    cap, gen, t = metrics["captioner"], metrics["generator"], metrics["timings"]
+    plan = metrics["plan"]
+
+    def trained(name: str, result: dict) -> str:
+        steps, planned = int(result.get("step", 0)), plan[name]["planned_steps"]
+        of = "" if steps >= planned else f" of the {planned:,} planned"
+        return f"a {name} for {steps:,} steps{of} ({int(result.get('samples_seen', 0)):,} samples)"
+
+    def speed(name: str) -> str:
+        rate = plan[name]["steps_per_s"]
+        return "" if rate is None else f" at {rate:.2f} steps/s"
+
+    rows = metrics["bars"]["bars"].values()
+    met = sum(r["met"] for r in rows)
+    if metrics["bars"]["all_met"]:
+        verdict = f"every quality bar met ({met} of {len(rows)})."
+    else:
+        misses = [f"{r['label']} " + ("not measured" if r["value"] is None else f"{100 * r['value']:.1f}%")
+                  + f" (bar {100 * r['bar']:.0f}%)" for r in rows if not r["met"]]
+        verdict = f"{met} of {len(rows)} quality bars met; missed: " + "; ".join(misses) + "."
+    lines = [
+        f"**Trained** from scratch on the shapes data: {trained('captioner', cap)} and {trained('generator', gen)}.",
+        f"**Took** {t['total_s'] / 60:.1f} min in all: captioner {t['captioner_s'] / 60:.1f} min{speed('captioner')}, "
+        f"generator {t['generator_s'] / 60:.1f} min{speed('generator')} (each with its evaluation), zero-shot "
+        f"classification {t['zero_shot_s'] / 60:.1f} min.",
+        f"**Result**: {verdict}",
+    ]
+    if metrics["quick"]:
+        lines.append(QUICK_NOTE)
+    if metrics["max_minutes"] is not None:
+        lines.append(cap_note(metrics["max_minutes"]))
+    return lines
+
+
 def write_report(out: Path, metrics: dict, captioner, generator, cap_cfg, zero_shot: dict, quick: bool) -> Path:
-    """report.md + report.html: metrics tables, captioned test images, zero-shot probabilities, generated grids."""
+    """report.md + report.html: the outcome first, then each model's figures beside their bars, captioned test
+    images (full captions), zero-shot probabilities and generated grids."""
     from mmlm.eval import ReportWriter
+    from mmlm.eval.bars import BARS
 
     report = ReportWriter(out, "mmlm demo: shapes captioner, zero-shot classifier and generator")
-    if quick:
-        report.text("**Quick run** (`--quick`): trained for well under a minute per model, so quality is far below "
-                    "the full demo's. Run `mmlm demo` without `--quick` for the real figures.")
-    t = metrics["timings"]
-    report.text(f"Total time {t['total_s'] / 60:.1f} min (captioner {t['captioner_s'] / 60:.1f} min, "
-                f"generator {t['generator_s'] / 60:.1f} min, including their evaluations).")
+    report.section("Outcome")
+    report.text("\n".join(summary_lines(metrics)))
 
     report.section("Captioner")
-    report.metrics(metrics["captioner"])
+    report.results(metrics["captioner"], BARS["captioner"])
     records = zero_shot["records"][:12]
     captions = captioner.caption([r.image for r in records])
     labels, probs = zero_shot["labels"], zero_shot["probs"][:12]
     texts = []
     for caption, row in zip(captions, probs):
         top = row.topk(2)
-        shown = ", ".join(f"{labels[i]} {p:.2f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+        shown = ", ".join(f"{labels[i]} {100 * p:.0f}%" for p, i in zip(top.values.tolist(), top.indices.tolist()))
         texts.append(f"[{shown}] {caption}")
-    report.image_grid([r.image for r in records], texts, name="test_captions",
+    report.image_grid([r.image for r in records], texts, name="test_captions", ncols=6, cell_size=160,
+                      full_captions=True,
                       caption="Test images: [top zero-shot labels with probabilities] and the predicted caption")
     report.loss_curve(out / "captioner" / "metrics.jsonl", name="captioner_loss", caption="Captioner loss")
 
@@ -155,10 +322,10 @@ def write_report(out: Path, metrics: dict, captioner, generator, cap_cfg, zero_s
     report.text(f"The captioner scores the {len(labels)} labels '<colour> <kind>' of the main shape in the "
                 f"templates {ZERO_SHOT_TEMPLATES} (open-ended: no end of text after the label; the size templates "
                 f"are alternatives: probabilities summed over them, then normalised over the labels).")
-    report.metrics(metrics["zero_shot_classification"])
+    report.results(metrics["zero_shot_classification"], BARS["zero_shot_classification"])
 
     report.section("Generator")
-    report.metrics(metrics["generator"])
+    report.results(metrics["generator"], BARS["generator"])
     for prompt in DEMO_PROMPTS[: 3 if quick else len(DEMO_PROMPTS)]:
         images = generator.generate([prompt], num_images_per_prompt=8, seed=0)
         report.image_grid(images, None, name=f"generated_{prompt.replace(' ', '_')}", caption=f"'{prompt}'")

@@ -203,12 +203,31 @@ class ReportWriter:
 
     def image_grid(
         self, images: Sequence[Any], captions: Sequence[str] | None = None, name: str = "samples",
-        caption: str = "", ncols: int | None = None,
+        caption: str = "", ncols: int | None = None, full_captions: bool = False, cell_size: int = 128,
     ) -> Path:
-        """A grid of images with their captions (e.g. generated captions or prompts) underneath."""
+        """A grid of images with their captions (e.g. generated captions or prompts) underneath.
+
+        ``full_captions``: every caption wrapped in full under its image (the cells grow to the longest
+        one) instead of cut after four lines."""
         path = self._new_image_path(name)
-        plots.image_grid(images, captions, ncols=ncols, path=path)
+        lines = caption_lines(captions, cell_size) if full_captions and captions is not None else 4
+        plots.image_grid(images, captions, ncols=ncols, path=path, cell_size=cell_size,
+                         max_caption_lines=max(lines, 1))
         return self._add_image(path, caption)
+
+    def results(self, metrics: Mapping[str, Any], bars: Sequence[Any] = ()) -> "ReportWriter":
+        """Metrics as people read them (rates in %, counts as integers); a figure with a bar (an
+        :class:`mmlm.eval.bars.Bar` on its key) shows the bar and whether it is met beside it."""
+        from mmlm.eval.bars import format_metric, percent
+
+        by_key = {bar.key: bar for bar in bars}
+        rows = []
+        for key, value in flatten_metrics(metrics).items():
+            bar = by_key.get(key)
+            target = "" if bar is None else (f"bar {percent(bar.threshold, digits=0)}: "
+                                             + ("met" if bar.met(value) else "NOT met"))
+            rows.append([key, format_metric(key, value), target])
+        return self.table(rows, columns=["metric", "value", "bar"])
 
     def confusion_matrix(self, matrix: Any, labels: Sequence[str], name: str = "confusion_matrix",
                          caption: str = "Confusion matrix (rows: true class, columns: predicted)") -> Path:
@@ -289,6 +308,16 @@ class ReportWriter:
         paths["markdown"].write_text(self.to_markdown() + "\n", encoding="utf-8")
         paths["html"].write_text(self.to_html() + "\n", encoding="utf-8")
         return paths
+
+
+def caption_lines(captions: Sequence[str], cell_size: int = 128, font_size: int = 12) -> int:
+    """How many lines the longest of ``captions`` needs when wrapped to ``cell_size`` pixels (as
+    :func:`mmlm.eval.plots.image_grid` wraps them)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=font_size)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    return max((len(plots._wrap(str(c), font, cell_size, draw)) for c in captions), default=0)
 
 
 def write_run_report(out_dir: str | Path, title: str, metrics: Mapping[str, Any],

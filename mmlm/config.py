@@ -254,6 +254,33 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class DDPConfig:
+    """Options passed to torch's DistributedDataParallel (through accelerate) when several processes train."""
+
+    find_unused_parameters: bool = False  # parts that get no gradient in some steps (e.g. a frozen branch)
+    static_graph: bool = False
+    gradient_as_bucket_view: bool = False
+    bucket_cap_mb: int = 25
+    broadcast_buffers: bool = True
+
+
+@dataclasses.dataclass
+class FSDPConfig:
+    """Fully sharded data parallel (FSDP2, through accelerate); CUDA-like devices only (see mmlm.train.distributed)."""
+
+    enabled: bool = False
+    sharding_strategy: str = "full_shard"  # full_shard (reshard after forward) | shard_grad_op (keep until backward)
+    auto_wrap: list[str] = dataclasses.field(default_factory=list)  # class names; [] = the task's (LM + vision blocks)
+    cpu_offload: bool = False
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.sharding_strategy not in ("full_shard", "shard_grad_op"):
+            raise ConfigError(f"train.fsdp.sharding_strategy: expected 'full_shard' or 'shard_grad_op', "
+                              f"got {self.sharding_strategy!r}")
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """The optimisation loop (mmlm.train.trainer); cross-field checks in :func:`validate_train_config`."""
 
@@ -281,6 +308,8 @@ class TrainConfig:
     seed: int = 0
     compile: bool = False
     num_threads: int | None = None  # torch.set_num_threads on CPU
+    ddp: DDPConfig = dataclasses.field(default_factory=DDPConfig)
+    fsdp: FSDPConfig = dataclasses.field(default_factory=FSDPConfig)
 
     def __post_init__(self):
         if self.grad_accum_steps < 1:

@@ -266,44 +266,58 @@ def test_refuses_to_mix_runs_in_one_output_dir(tmp_path):
         Trainer(config, ToyTask(config))
 
 
-def test_stops_by_epochs_and_by_wall_clock(tmp_path, capsys):
+class FakeClock:
+    """``time.perf_counter`` that moves only when told: a training step costs ``step_s``, whatever the machine."""
+
+    def __init__(self, step_s: float = 0.0625):  # a power of two: sums are exact
+        self.now, self.step_s = 1000.0, step_s
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ClockedTask(ToyTask):
+    """Each training forward advances the fake clock by one step's time; each evaluation by ``eval_s``."""
+
+    def __init__(self, config, clock: FakeClock, eval_s: float = 0.0):
+        super().__init__(config)
+        self.clock, self.eval_s, self.eval_steps = clock, eval_s, []
+
+    def training_loss(self, model, batch):
+        self.clock.now += self.clock.step_s
+        return super().training_loss(model, batch)
+
+    def evaluate(self, model, dataset, out_dir, split):
+        self.clock.now += self.eval_s
+        self.eval_steps.append(self.clock.now)
+        return super().evaluate(model, dataset, out_dir, split)
+
+
+def test_stops_by_epochs_and_by_wall_clock(tmp_path, capsys, monkeypatch):
     config = make_config(tmp_path / "epochs", max_steps=None, epochs=1.5)
     assert Trainer(config, ToyTask(config)).fit()["step"] == 12  # 64 samples / 8 = 8 steps per epoch
 
     reset_accelerate_state()
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
     config = make_config(tmp_path / "clock", max_steps=None, max_minutes=0.01, warmup_steps=0, min_lr_ratio=0.1)
-    result = Trainer(config, ToyTask(config)).fit()
-    assert result["elapsed_s"] >= 0.6 and result["step"] > 5
+    result = Trainer(config, ClockedTask(config, clock)).fit()
+    assert result["step"] == 10  # the first step that reaches the 0.6 s budget at 0.0625 s per step
+    assert result["elapsed_s"] == 0.625
     last_lr = [r for r in read_metrics(tmp_path / "clock" / "run" / "metrics.jsonl") if "lr" in r][-1]["lr"]
     assert last_lr < 0.2 * config.train.lr  # the schedule decayed over the time budget
     assert "eta=0:0" in capsys.readouterr().err  # the progress bar counts down the budget
 
 
-def test_evaluation_pauses_the_training_clock(tmp_path):
-    class SlowEvalTask(ToyTask):
-        """Records when training steps and (slow) evaluations run."""
-
-        def __init__(self, config):
-            super().__init__(config)
-            self.loss_times, self.eval_times = [], []
-
-        def training_loss(self, model, batch):
-            self.loss_times.append(time.perf_counter())
-            return super().training_loss(model, batch)
-
-        def evaluate(self, model, dataset, out_dir, split):
-            self.eval_times.append(time.perf_counter())
-            time.sleep(0.3)
-            return super().evaluate(model, dataset, out_dir, split)
-
-    config = make_config(tmp_path, max_steps=None, max_minutes=0.01, eval_every=40, warmup_steps=0)
-    task = SlowEvalTask(config)
+def test_evaluation_pauses_the_training_clock(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    config = make_config(tmp_path, max_steps=None, max_minutes=0.01, eval_every=4, warmup_steps=0)
+    task = ClockedTask(config, clock, eval_s=5.0)  # each evaluation takes far longer than the whole budget
     result = Trainer(config, task).fit()
-    slept = 0.3 * sum(t < task.loss_times[-1] for t in task.eval_times)  # evaluations between training steps
-    assert slept >= 0.3
-    span = task.loss_times[-1] - task.loss_times[0]
-    assert result["elapsed_s"] >= 0.6  # the whole budget went to training...
-    assert result["elapsed_s"] <= span - 0.9 * slept + 0.15  # ...and evaluation time was not counted in it
+    assert len(task.eval_steps) == 3  # at steps 4 and 8 (between training steps), and the final one at 10
+    assert result["step"] == 10  # the budget bought as many steps as without evaluations...
+    assert result["elapsed_s"] == 0.625  # ...and evaluation time was not counted in it
 
 
 def test_gradient_checkpointing_switch(tmp_path):

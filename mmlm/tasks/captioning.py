@@ -29,26 +29,49 @@ class VisionLanguageTask(ImageTextTask):
         """The prompt each sample gets (None: the model's default) and the text it is trained to produce."""
         return None, self.training_captions(batch)
 
-    def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        prompts, targets = self.prompts_and_targets(batch)
-        inputs = unwrap(model).prepare_batch(batch["pixel_values"], targets, prompts)
-        return model(**inputs).loss
+    def model_inputs(self, model: nn.Module, batch: dict) -> dict:
+        """The tokenised training tensors of ``batch`` (built once, kept in the batch)."""
+        if "model_inputs" not in batch:
+            prompts, targets = self.prompts_and_targets(batch)
+            batch["model_inputs"] = unwrap(model).prepare_batch(batch["pixel_values"], targets, prompts)
+        return batch["model_inputs"]
+
+    def num_items(self, model: nn.Module, batch: dict) -> int:
+        """The label tokens the loss sums over: the trainer normalises by their count over a whole step."""
+        from mmlm.models.sequence import count_label_tokens
+
+        return count_label_tokens(self.model_inputs(model, batch)["labels"])
+
+    def training_loss(self, model: nn.Module, batch: dict, num_items_in_batch: float | None = None) -> torch.Tensor:
+        return model(**self.model_inputs(model, batch), num_items_in_batch=num_items_in_batch).loss
 
 
 class CaptioningTask(VisionLanguageTask):
     name = "captioning"
 
+    def predict(self, model, dataset, split: str) -> list[dict]:
+        """Each sample's generated caption, references, attributes (and its image, for the first examples)."""
+        rows = []
+        for batch in iterate_dataset(dataset, self.config.data.eval_batch_size, self.config.eval.max_samples):
+            predictions = model.caption_pixels(batch["pixel_values"], max_new_tokens=CAPTION_TOKENS)
+            for i, prediction in enumerate(predictions):
+                show = len(rows) < self.config.eval.num_examples
+                rows.append({"prediction": prediction, "references": batch["captions"][i],
+                             "attributes": batch["attributes"][i],
+                             "image": vlm_display_image(batch["pixel_values"][i], model) if show else None})
+        return rows
+
     def evaluate(self, model, dataset, out_dir: Path, split: str) -> dict[str, float]:
+        return self.score(self.predict(model, dataset, split), dataset, out_dir, split)
+
+    def score(self, rows: list[dict], dataset, out_dir: Path, split: str) -> dict[str, float]:
         cfg = self.config
-        predictions, references, attributes, images = [], [], [], []
-        for batch in iterate_dataset(dataset, cfg.data.eval_batch_size, cfg.eval.max_samples):
-            predictions += model.caption_pixels(batch["pixel_values"], max_new_tokens=CAPTION_TOKENS)
-            references += batch["captions"]
-            attributes += batch["attributes"]
-            if len(images) < cfg.eval.num_examples:
-                images += list(batch["pixel_values"][: cfg.eval.num_examples - len(images)])
-        if not predictions:
+        if not rows:
             raise ValueError(f"split '{split}' is empty: nothing to evaluate")
+        predictions = [r["prediction"] for r in rows]
+        references = [r["references"] for r in rows]
+        attributes = [r["attributes"] for r in rows]
+        images = [r["image"] for r in rows[: cfg.eval.num_examples] if r["image"] is not None]
         metrics = caption_scores(predictions, references)
         if cfg.data.source == "shapes":
             from mmlm.data.shapes import captions_match
@@ -57,19 +80,18 @@ class CaptioningTask(VisionLanguageTask):
             hits = [captions_match(p, a, language) for p, a in zip(predictions, attributes)]
             metrics["exact_match"] = sum(hits) / len(hits)
         metrics["num_samples"] = len(predictions)
-        write_caption_examples(out_dir, split, images, predictions, references, model)
+        write_caption_examples(out_dir, split, images, predictions, references)
         return metrics
 
 
-def write_caption_examples(out_dir: Path, split: str, pixel_values: list, predictions: list[str],
-                           references: list[list[str]], model) -> None:
-    """A grid of the first images with their predicted captions, and the same as JSONL."""
+def write_caption_examples(out_dir: Path, split: str, images: list, predictions: list[str],
+                           references: list[list[str]]) -> None:
+    """A grid of the first images ([0, 1] CHW tensors) with their predicted captions, and the same as JSONL."""
     import json
 
     from mmlm.eval.plots import image_grid
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = [vlm_display_image(p, model) for p in pixel_values]
     n = len(images)
     if n:
         image_grid(images, captions=predictions[:n], path=out_dir / f"{split}_captions.png")

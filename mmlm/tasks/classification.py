@@ -56,21 +56,35 @@ class ClassificationTask(VisionLanguageTask):
         prompt, targets = split_template(self.templates[0], batch["label"])
         return [prompt] * len(targets), targets
 
-    def evaluate(self, model, dataset, out_dir: Path, split: str) -> dict[str, float]:
+    def predict(self, model, dataset, split: str) -> list[dict]:
+        """Each sample's true label, label probabilities (and its image, for the first examples)."""
         cfg = self.config
         labels = self.labels()
-        y_true, y_pred, examples = [], [], []
+        rows = []
         for batch in iterate_dataset(dataset, cfg.data.eval_batch_size, cfg.eval.max_samples):
             probs = model.classify_pixels(batch["pixel_values"], labels, self.templates)
-            y_true += batch["label"]
-            y_pred += [labels[i] for i in probs.argmax(dim=-1).tolist()]
-            for image, row in zip(batch["pixel_values"], probs):
-                if len(examples) < cfg.eval.num_examples:
-                    top = row.topk(min(3, len(labels)))
-                    text = ", ".join(f"{labels[i]} {p:.2f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
-                    examples.append((vlm_display_image(image, model), text))
-        if not y_true:
+            for image, label, row in zip(batch["pixel_values"], batch["label"], probs):
+                show = len(rows) < cfg.eval.num_examples
+                rows.append({"label": label, "probs": row.float().cpu(),
+                             "image": vlm_display_image(image, model) if show else None})
+        return rows
+
+    def evaluate(self, model, dataset, out_dir: Path, split: str) -> dict[str, float]:
+        return self.score(self.predict(model, dataset, split), dataset, out_dir, split)
+
+    def score(self, rows: list[dict], dataset, out_dir: Path, split: str) -> dict[str, float]:
+        cfg = self.config
+        labels = self.labels()
+        if not rows:
             raise ValueError(f"split '{split}' is empty: nothing to evaluate")
+        y_true = [r["label"] for r in rows]
+        y_pred = [labels[int(r["probs"].argmax())] for r in rows]
+        examples = []
+        for r in rows[: cfg.eval.num_examples]:
+            if r["image"] is not None:
+                top = r["probs"].topk(min(3, len(labels)))
+                text = ", ".join(f"{labels[i]} {p:.2f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+                examples.append((r["image"], text))
         report = classification_report(y_true, y_pred, labels)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_confusion_matrix_png(report["confusion_matrix"], labels, out_dir / f"{split}_confusion.png")

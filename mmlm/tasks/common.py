@@ -33,8 +33,14 @@ class ImageTextTask(Task):
     def splits(self) -> dict[str, Dataset]:
         """The run's splits as the data source gives them (no image transform), built on first use."""
         if self._splits is None:
-            self._splits = build_datasets(self.config.data, None, None)
+            self._splits = build_datasets(self.config.data, None, None, seed=self.config.train.seed)
         return self._splits
+
+    def freeze_part(self, model: nn.Module, name: str, part: nn.Module) -> None:
+        """A part with ``train.module_lr`` 0: no gradients and eval mode for good (``models.freezing.freeze``)."""
+        from mmlm.models.freezing import freeze
+
+        freeze(part)
 
     def build_datasets(self, model: nn.Module) -> dict[str, Dataset]:
         """The splits, preprocessed the way ``model`` wants its images (train: its training transform)."""

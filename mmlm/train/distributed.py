@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 
-from mmlm.config import ConfigError, TrainConfig
+from mmlm.config import ConfigError, FSDPConfig, TrainConfig
 from mmlm.train.errors import TrainingError
 
 
@@ -50,19 +50,63 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
+def fsdp_plugin(fsdp: FSDPConfig) -> FullyShardedDataParallelPlugin | None:
+    """accelerate's FSDP2 plugin for ``train.fsdp`` (None when off); full state dicts on save.
+
+    The classes to wrap are filled in by :func:`set_fsdp_wrap_classes` once the model exists.
+    """
+    if not fsdp.enabled:
+        return None
+    if not has_accelerator():
+        # accelerate 1.x turns the plugin on only for GPU-like process groups (AcceleratorState picks
+        # DistributedType.FSDP for MULTI_GPU/XPU/NPU/..., never for MULTI_CPU), so on CPU it would silently
+        # train with DDP instead; refuse rather than pretend.
+        raise ConfigError("train.fsdp.enabled: FSDP needs CUDA-like devices; accelerate runs CPU processes "
+                          "(gloo) with DDP only. Switch it off on CPU")
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        reshard_after_forward=fsdp.sharding_strategy == "full_shard",
+        auto_wrap_policy="transformer_based_wrap",
+        cpu_offload=fsdp.cpu_offload,
+        activation_checkpointing=fsdp.activation_checkpointing,
+        state_dict_type="FULL_STATE_DICT",
+    )
+
+
+def set_fsdp_wrap_classes(accelerator: Accelerator, names: list[str]) -> None:
+    """Tell the FSDP plugin which module classes to shard as units (before ``prepare``)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None:
+        if not names:
+            raise ConfigError("train.fsdp: no module classes to wrap; list them in train.fsdp.auto_wrap")
+        plugin.transformer_cls_names_to_wrap = list(names)
+
+
 def build_accelerator(train: TrainConfig, output_dir: Path) -> Accelerator:
-    """The run's Accelerator: precision, accumulation, seedable data order; checks the launch is coherent."""
+    """The run's Accelerator: precision, seedable data order, DDP / FSDP options; checks the launch is coherent.
+
+    Gradient accumulation is the trainer's own (it needs every micro-batch of a step to normalise the
+    loss by their token count), so accelerate is told 1. ``dispatch_batches=False``: each process reads
+    its own batches (accelerate's dispatching concatenates batches through rank 0 and fails on string
+    fields); streamed data is split by the dataset itself.
+    """
     if launched_processes() == 1:
         reset_accelerate_state()  # several runs in one process (the demo, notebooks) each get their own settings
     # accelerate treats a plain torchrun on a CPU-only machine as one process unless told cpu=True
     cpu_processes = launched_processes() > 1 and not has_accelerator()
+    ddp = train.ddp
     accelerator = Accelerator(
         cpu=cpu_processes,
-        gradient_accumulation_steps=train.grad_accum_steps,
         mixed_precision=resolve_mixed_precision(train.mixed_precision),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed,
+                                                  dispatch_batches=False),
         project_dir=str(output_dir),
         step_scheduler_with_optimizer=False,  # we step it once per update, whatever the process count
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=ddp.find_unused_parameters, static_graph=ddp.static_graph,
+            gradient_as_bucket_view=ddp.gradient_as_bucket_view, bucket_cap_mb=ddp.bucket_cap_mb,
+            broadcast_buffers=ddp.broadcast_buffers)],
+        fsdp_plugin=fsdp_plugin(train.fsdp),
     )
     if launched_processes() != accelerator.num_processes:
         raise TrainingError(
@@ -70,6 +114,21 @@ def build_accelerator(train: TrainConfig, output_dir: Path) -> Accelerator:
             f"({accelerator.distributed_type}); every process would train alone and overwrite the others' files"
         )
     return accelerator
+
+
+def reduce_sum(accelerator: Accelerator, value: float) -> float:
+    """``value`` summed over processes (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return float(value)
+    total = torch.tensor([float(value)], device=accelerator.device, dtype=torch.float64)
+    return accelerator.reduce(total, "sum").item()
+
+
+def all_have(accelerator: Accelerator, have: bool) -> bool:
+    """Whether every process has something (e.g. a next batch); a collective."""
+    if accelerator.num_processes == 1:
+        return have
+    return reduce_sum(accelerator, 1.0 if have else 0.0) == accelerator.num_processes
 
 
 def any_failed(accelerator: Accelerator, error: BaseException | None) -> bool:

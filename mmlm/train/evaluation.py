@@ -1,9 +1,13 @@
-"""Evaluation during training: on the main process, with the others waiting for its result, and the best model.
+"""Evaluation during training: every process on its part of the split (or the main one alone), and the best model.
 
-The task's ``evaluate`` runs on the main process only, on the unwrapped model (EMA weights when
-enabled), under ``no_grad`` and with forked RNG so it never shifts the training stream. Its result
-is broadcast, so every process returns the same metrics; if it raises, every process raises
-(evaluating on rank 0 while the others wait is the classic multi-GPU hang).
+A task with ``predict`` / ``score`` is evaluated by all processes: each predicts a contiguous part
+of the split (``split_between_processes`` over its indices; streamed splits: every ``W``-th sample),
+the rows are gathered in split order (``gather_object``) and the main process scores them, so the
+metrics equal a 1-process evaluation. Other tasks run ``evaluate`` on the main process only. Either
+way the model is the unwrapped one (EMA weights when enabled; under FSDP a full copy gathered from
+the shards), under ``no_grad`` and with forked RNG so evaluation never shifts the training stream.
+The result is broadcast, so every process returns the same metrics; if it raises anywhere, every
+process raises (evaluating on rank 0 while the others wait is the classic multi-GPU hang).
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
+from torch.utils.data import IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from mmlm.config import ConfigError
 from mmlm.train import checkpoint as ckpt
 from mmlm.train.distributed import run_on_main
 from mmlm.train.errors import TrainingError
+from mmlm.train.task import Task
 
 if TYPE_CHECKING:
     from mmlm.train.trainer import Trainer
@@ -44,36 +50,88 @@ def evaluate(trainer: Trainer, split: str) -> dict[str, float]:
     """Metrics of the current model on ``split``, keyed ``"<split>/<name>"``, the same on every process."""
     if split not in trainer.datasets:
         raise ValueError(f"no '{split}' split; the task built {sorted(trainer.datasets)}")
+    distributed = type(trainer.task).predict is not Task.predict
     result: dict[str, float] | str = {}
     failure: Exception | None = None
-    if trainer.is_main:
-        try:
-            result = _evaluate_here(trainer, split)
-        except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other processes
-            failure = err
-            result = f"{type(err).__name__}: {err}"
+    rows: list[dict] | None = None
+    with trainer.evaluation_model() as model:  # a collective under FSDP: every process enters
+        if distributed:
+            try:
+                rows = _predict_part(trainer, model, split)
+            except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other processes
+                failure = err
+            if _any_failed(trainer, failure):
+                result = f"{type(failure).__name__}: {failure}" if failure else "on another process"
+            elif trainer.accelerator.num_processes > 1:
+                rows = [row for _, row in sorted(gather_object(rows))]
+            else:
+                rows = [row for _, row in sorted(rows)]
+        if trainer.is_main and not isinstance(result, str):
+            try:
+                result = _evaluate_here(trainer, model, split, rows)
+            except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other processes
+                failure = err
+                result = f"{type(err).__name__}: {err}"
     if trainer.accelerator.num_processes > 1:
         result = broadcast_object_list([result])[0]
     if isinstance(result, str):
         if failure is not None:
             raise failure
-        raise TrainingError(f"evaluation of '{split}' failed on the main process: {result}")
+        raise TrainingError(f"evaluation of '{split}' failed: {result}")
     return result
 
 
-def _evaluate_here(trainer: Trainer, split: str) -> dict[str, float]:
+def _any_failed(trainer: Trainer, error: BaseException | None) -> bool:
+    from mmlm.train.distributed import any_failed
+
+    return any_failed(trainer.accelerator, error)
+
+
+def split_for_process(dataset, limit: int | None, rank: int, world: int):
+    """This process's part of a split and the split position of its first item: a contiguous slice of the
+    first ``limit`` items, or every ``world``-th sample of a stream (positions then step by ``world``)."""
+    if isinstance(dataset, IterableDataset):
+        part = dataset.with_transform(dataset.transform)
+        part.set_distributed(rank, world)
+        return part, rank, world, None if limit is None else max(0, (limit - rank + world - 1) // world)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    per, extra = divmod(n, world)
+    start = rank * per + min(rank, extra)
+    stop = start + per + (1 if rank < extra else 0)
+    return Subset(dataset, range(start, stop)), start, 1, None
+
+
+def _predict_part(trainer: Trainer, model, split: str) -> list[tuple[int, dict]]:
+    acc = trainer.accelerator
+    limit = trainer.config.eval.max_samples
+    part, start, stride, part_limit = split_for_process(trainer.datasets[split], limit, acc.process_index,
+                                                        acc.num_processes)
+    with _in_eval_mode(model), preserved_rng(acc.device), torch.no_grad():
+        rows = trainer.task.predict(model, part, split)
+    if part_limit is not None:
+        rows = rows[:part_limit]
+    return [(start + stride * k, row) for k, row in enumerate(rows)]
+
+
+@contextlib.contextmanager
+def _in_eval_mode(model) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _evaluate_here(trainer: Trainer, model, split: str, rows: list[dict] | None) -> dict[str, float]:
     task = trainer.task
     out_dir = trainer.output_dir / "eval" / f"{split}_{ckpt.checkpoint_name(trainer.step)}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = trainer.unwrapped
-    was_training = model.training
-    ema = trainer.ema.applied() if trainer.ema is not None else contextlib.nullcontext()
-    try:
-        with preserved_rng(trainer.accelerator.device), ema, torch.no_grad():
-            model.eval()
+    with _in_eval_mode(model), preserved_rng(trainer.accelerator.device), torch.no_grad():
+        if rows is None:
             raw = task.evaluate(model, trainer.datasets[split], out_dir, split)
-    finally:
-        model.train(was_training)
+        else:
+            raw = task.score(rows, trainer.datasets[split], out_dir, split)
     if not isinstance(raw, dict):
         raise TypeError(f"{type(task).__name__}.evaluate must return dict[str, float], got {type(raw).__name__}")
     metrics = {}
@@ -118,7 +176,8 @@ def keep_best(trainer: Trainer, metrics: dict[str, float]) -> None:
     trainer.best_value, trainer.best_step = metrics[name], trainer.step
     record = {"metric": name, "value": trainer.best_value, "step": trainer.step}
 
-    def save() -> None:
-        ckpt.save_model(trainer.task, trainer.unwrapped, trainer.ema, trainer.output_dir / "best", record)
+    with trainer.evaluation_model() as model:  # EMA weights applied; a full copy under FSDP
+        def save() -> None:
+            ckpt.save_model(trainer.task, model, None, trainer.output_dir / "best", record)
 
-    run_on_main(trainer.accelerator, "saving the best model", save, trainer.step)
+        run_on_main(trainer.accelerator, "saving the best model", save, trainer.step)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -43,11 +43,15 @@ def no_decay_names(module: nn.Module) -> set[str]:
 
 
 def parameter_groups(
-    model: nn.Module, groups: dict[str, nn.Module], train: TrainConfig
+    model: nn.Module, groups: dict[str, nn.Module], train: TrainConfig,
+    freeze: Callable[[str, nn.Module], None] | None = None,
 ) -> list[dict[str, Any]]:
     """AdamW param groups for ``model``, freezing the parts whose ``module_lr`` is 0.
 
-    Each group dict carries ``name`` (the part) and ``decay`` (bool) next to the torch keys.
+    ``freeze(name, part)`` freezes a part (the trainer passes the task's ``freeze_part``, which may also keep
+    it in eval mode); by default its parameters stop requiring gradients. A frozen ``"other"`` (the
+    parameters outside every named part) only stops requiring gradients. Each group dict carries ``name``
+    (the part) and ``decay`` (bool) next to the torch keys.
     """
     unknown = sorted(set(train.module_lr) - set(groups) - {OTHER_GROUP})
     if unknown:
@@ -62,9 +66,12 @@ def parameter_groups(
     seen: set[int] = set()
     result = []
 
-    def add(name: str, module_params: list[tuple[str, nn.Parameter]], skip_decay: set[str]) -> None:
+    def add(name: str, module_params: list[tuple[str, nn.Parameter]], skip_decay: set[str],
+            module: nn.Module | None = None) -> None:
         lr = train.module_lr.get(name, train.lr)
         if lr == 0:
+            if module is not None and freeze is not None:
+                freeze(name, module)
             for _, p in module_params:
                 p.requires_grad_(False)
             return
@@ -86,7 +93,7 @@ def parameter_groups(
                 raise ValueError(f"trainable_groups()['{name}'] holds parameter '{pname}' that is not in the model")
             seen.add(id(p))
             params.append((pname, p))
-        add(name, params, no_decay_names(module))
+        add(name, params, no_decay_names(module), module)
 
     rest = [(n, p) for n, p in model.named_parameters() if id(p) not in seen]
     if rest:
@@ -96,9 +103,10 @@ def parameter_groups(
     return result
 
 
-def build_optimizer(model: nn.Module, groups: dict[str, nn.Module], train: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, groups: dict[str, nn.Module], train: TrainConfig,
+                    freeze: Callable[[str, nn.Module], None] | None = None) -> torch.optim.AdamW:
     """AdamW over :func:`parameter_groups`."""
-    return torch.optim.AdamW(parameter_groups(model, groups, train), lr=train.lr, betas=tuple(train.betas))
+    return torch.optim.AdamW(parameter_groups(model, groups, train, freeze), lr=train.lr, betas=tuple(train.betas))
 
 
 def lr_factor(step: int, warmup_steps: int, progress: float, schedule: str, min_lr_ratio: float) -> float:

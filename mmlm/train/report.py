@@ -59,12 +59,13 @@ def finish(trainer: Trainer, metrics: dict[str, float], last_loss: float) -> dic
         summary["best/" + best_metric] = trainer.best_value
         summary["best/step"] = trainer.best_step
 
-    def save_final() -> None:
-        ckpt.save_model(trainer.task, trainer.unwrapped, trainer.ema, out / "model")
-        plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
-        pictures = sorted(out.glob(f"eval/*_step_{trainer.step:06d}/*.png"))
-        write_run_report(out, f"{type(trainer.task).__name__}: {out.name}", {**summary, **metrics}, pictures,
-                         out / "metrics.jsonl")
+    with trainer.evaluation_model() as model:  # EMA weights applied; a full copy under FSDP (a collective)
+        def save_final() -> None:
+            ckpt.save_model(trainer.task, model, None, out / "model")
+            plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
+            pictures = sorted(out.glob(f"eval/*_step_{trainer.step:06d}/*.png"))
+            write_run_report(out, f"{type(trainer.task).__name__}: {out.name}", {**summary, **metrics}, pictures,
+                             out / "metrics.jsonl")
 
-    run_on_main(trainer.accelerator, "saving the final model and the report", save_final, trainer.step)
+        run_on_main(trainer.accelerator, "saving the final model and the report", save_final, trainer.step)
     return {**summary, **metrics, **paths}

@@ -8,9 +8,15 @@ exact resume.
 Batch sizes: ``data.batch_size`` is per process and per micro-batch, so one optimiser step
 sees ``batch_size * processes * grad_accum_steps`` samples. A "step" is one optimiser update.
 
+Accumulation is the trainer's own: it takes the ``grad_accum_steps`` micro-batches of a step
+first, so a task that counts its loss items (:meth:`~mmlm.train.task.Task.num_items`, e.g. label
+tokens) gets the loss normalised by the count over the whole step and every process; other tasks
+average their micro-batch losses. Gradients are synchronised on the last micro-batch only.
+
 Exact resume: data order comes from accelerate's seedable sampler (seed ``train.seed`` + epoch,
-the same on every process); a checkpoint stores the number of micro-batches consumed in the
-current epoch and resume skips them with ``skip_first_batches``. Model, optimiser, schedule,
+the same on every process), or, for streamed shards, from the dataset's own split and shuffle; a
+checkpoint stores the number of micro-batches consumed in the current epoch and resume skips them
+(``skip_first_batches``; streamed: before decoding). Model, optimiser, schedule,
 EMA and the RNG states are restored; evaluation runs with forked RNG so it never shifts the
 training stream. Step-based runs resume bitwise (on CPU); wall-clock runs schedule the LR on
 elapsed time (see :mod:`mmlm.train.optim`) and so cannot.
@@ -24,13 +30,14 @@ resume), :mod:`~mmlm.train.evaluation` (main-process evaluation, best model),
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, send_to_device, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
@@ -40,12 +47,15 @@ from mmlm.data.datasets import guard_workers
 from mmlm.train import checkpoint as ckpt
 from mmlm.train import evaluation
 from mmlm.train.distributed import (
+    all_have,
     build_accelerator,
     clip_gradients,
     mean_loss_and_elapsed,
     optimizer_step,
+    reduce_sum,
     reset_accelerate_state,
     resolve_mixed_precision,
+    set_fsdp_wrap_classes,
 )
 from mmlm.train.ema import EMA
 from mmlm.train.errors import CheckpointWriteError, NonFiniteLossError, TrainingError
@@ -108,10 +118,25 @@ class Trainer:
                               f"the task has {sorted(self.datasets)}")
         if train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        optimizer = build_optimizer(model, task.trainable_groups(model), train)
+        optimizer = build_optimizer(model, task.trainable_groups(model), train,
+                                    freeze=lambda name, part: task.freeze_part(model, name, part))
+        self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        if self.fsdp:
+            if train.ema_decay is not None:
+                raise ConfigError("train.ema_decay with train.fsdp: the EMA keeps full weights per process; "
+                                  "not supported with sharded parameters")
+            set_fsdp_wrap_classes(self.accelerator, train.fsdp.auto_wrap or task.fsdp_wrap_classes(model))
+            # the full model for evaluation and saving, filled from the gathered shards (main process only)
+            self._replica = copy.deepcopy(model) if self.is_main else None
 
         self._loader_generator = torch.Generator().manual_seed(train.seed)
-        self.train_loader = self.accelerator.prepare(self._build_train_loader())
+        train_set = self.datasets["train"]
+        self.streamed = isinstance(train_set, IterableDataset) and hasattr(train_set, "set_distributed")
+        if self.streamed:
+            train_set.set_distributed(self.accelerator.process_index, self.accelerator.num_processes)
+        # A streamed split is split by the dataset itself: accelerate only moves its batches to the device.
+        loader = self._build_train_loader()
+        self.train_loader = loader if self.streamed else self.accelerator.prepare(loader)
         self.micro_batches_per_epoch = self._micro_batches_per_epoch()
         per_epoch = self.micro_batches_per_epoch
         self.steps_per_epoch = None if per_epoch is None else math.ceil(per_epoch / train.grad_accum_steps)
@@ -217,12 +242,56 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def evaluation_model(self):
+        """The model to evaluate or save: the unwrapped one with the EMA weights applied; under FSDP a full
+        copy on the main process (None on the others), gathered from the shards. Every process enters."""
+        ema = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        with ema:
+            if not self.fsdp:
+                yield self.unwrapped
+                return
+            state = self.accelerator.get_state_dict(self.model)  # a collective; the full dict on the main process
+            if self.is_main:
+                self._replica.load_state_dict(state)
+            yield self._replica
+
     def _epoch_loader(self):
         self._loader_generator.manual_seed(self.config.train.seed + self.epoch)  # worker seeds per epoch
+        dataset = self.datasets["train"]
+        if hasattr(dataset, "set_epoch"):  # accelerate skips it once the batch sampler is sharded (>1 process)
+            dataset.set_epoch(self.epoch)
+        if self.streamed:
+            dataset.skip(self.batch_in_epoch, self.config.data.batch_size)
+            return self.train_loader
         self.train_loader.set_epoch(self.epoch)
         if self.batch_in_epoch:
             return self.accelerator.skip_first_batches(self.train_loader, self.batch_in_epoch)
         return self.train_loader
+
+    def _steps(self, loader):
+        """The epoch as lists of up to ``grad_accum_steps`` micro-batches (one optimiser step each); streamed
+        data ends the epoch on every process as soon as one process runs out."""
+        batches = guard_workers(loader, self.datasets["train"])  # a dead worker names its file
+        if self.streamed:
+            batches = self._while_all_have(batches)
+        window = []
+        for batch in batches:
+            window.append(batch)
+            if len(window) == self.config.train.grad_accum_steps:
+                yield window
+                window = []
+        if window:
+            yield window
+
+    def _while_all_have(self, batches):
+        device = self.accelerator.device
+        iterator = iter(batches)
+        while True:
+            batch = next(iterator, None)
+            if not all_have(self.accelerator, batch is not None):
+                return
+            yield send_to_device(batch, device)
 
     def _done(self) -> bool:
         train = self.config.train
@@ -259,8 +328,9 @@ class Trainer:
             while not self._done():
                 loader = self._epoch_loader()
                 finished_epoch = True
-                for batch in guard_workers(loader, self.datasets["train"]):  # a dead worker names its file
-                    if self._train_micro_batch(batch) and self._end_of_step():
+                for window in self._steps(loader):
+                    self._train_step(window)
+                    if self._end_of_step():
                         finished_epoch = False
                         break
                 if not finished_epoch:
@@ -289,38 +359,47 @@ class Trainer:
             f"{self.total_steps or '?'} steps"
         )
 
-    def _train_micro_batch(self, batch: Any) -> bool:
-        """Forward and backward one micro-batch; step the optimiser when accumulation is complete.
-
-        Returns whether an optimiser step happened.
-        """
+    def _train_step(self, window: list) -> None:
+        """Forward and backward every micro-batch of one step (gradients synchronised on the last), then
+        clip and step the optimiser. Losses are normalised over the whole step (see the module docstring)."""
         acc, train = self.accelerator, self.config.train
-        with acc.accumulate(self.model):
-            with self._autocast():
-                loss = self.task.training_loss(self.train_model, batch)
-            if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-                raise TrainingError(
-                    f"{type(self.task).__name__}.training_loss must return a scalar tensor, got "
-                    f"{getattr(loss, 'shape', type(loss).__name__)}"
-                )
-            acc.backward(loss)
+        n = len(window)
+        counts = [self.task.num_items(self.unwrapped, batch) for batch in window]
+        num_items = None
+        if all(c is not None for c in counts):
+            # the DDP gradient mean divides by the processes: count per process and micro-batch
+            num_items = reduce_sum(acc, sum(counts)) / (acc.num_processes * n)
+            if num_items == 0:
+                raise TrainingError(f"step {self.step + 1}: {type(self.task).__name__}.num_items is 0 for every "
+                                    "micro-batch; the loss would cover nothing")
+        for j, batch in enumerate(window):
+            sync = contextlib.nullcontext() if j == n - 1 else acc.no_sync(self.model)
+            with sync:
+                with self._autocast():
+                    if num_items is None:
+                        loss = self.task.training_loss(self.train_model, batch)
+                    else:
+                        loss = self.task.training_loss(self.train_model, batch, num_items_in_batch=num_items)
+                if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                    raise TrainingError(
+                        f"{type(self.task).__name__}.training_loss must return a scalar tensor, got "
+                        f"{getattr(loss, 'shape', type(loss).__name__)}"
+                    )
+                acc.backward(loss if num_items is not None else loss / n)
             self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
             self._micro_batches += 1
             self.batch_in_epoch += 1
-            if not acc.sync_gradients:
-                return False
-            self._last_loss, self.elapsed_s = mean_loss_and_elapsed(acc, self._loss_sum, self._micro_batches,
-                                                                   self._clock_start)
-            if not math.isfinite(self._last_loss):
-                raise NonFiniteLossError(
-                    f"loss is {self._last_loss} at step {self.step + 1} (epoch {self.epoch}); the optimiser did not "
-                    "step on it. Last good checkpoint: "
-                    f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}"
-                )
-            if train.max_grad_norm is not None:
-                self._grad_norm = clip_gradients(acc, self.model, self.optimizer, train.max_grad_norm)
-            optimizer_step(acc, self.optimizer)
-            return True
+        self._last_loss, self.elapsed_s = mean_loss_and_elapsed(acc, self._loss_sum, self._micro_batches,
+                                                               self._clock_start)
+        if not math.isfinite(self._last_loss):
+            raise NonFiniteLossError(
+                f"loss is {self._last_loss} at step {self.step + 1} (epoch {self.epoch}); the optimiser did not "
+                "step on it. Last good checkpoint: "
+                f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}"
+            )
+        if train.max_grad_norm is not None:
+            self._grad_norm = clip_gradients(acc, self.model, self.optimizer, train.max_grad_norm)
+        optimizer_step(acc, self.optimizer)
 
     def _end_of_step(self) -> bool:
         """Book-keeping after an optimiser step: schedule, EMA, logging, evaluation, checkpoint.

@@ -171,3 +171,27 @@ def test_cli_demo_takes_max_minutes():
 
     args = build_parser().parse_args(["demo", "--max-minutes", "12.5", "--out", "x"])
     assert args.max_minutes == 12.5 and args.quick is False
+
+
+def test_time_to_quality_reports_steps_and_samples_to_each_bar():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_quality.py"
+    spec = importlib.util.spec_from_file_location("time_to_quality", path)
+    ttq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ttq)
+
+    def row(steps, test, comp, curve=()):
+        return {"task": "captioning", "metric": "exact_match", "unit": "steps", "budget": steps, "steps": steps,
+                "samples": 32 * steps, "steps_per_s": 2.0, "scores": {"test": test, "compositional": comp},
+                "val_curve": list(curve)}
+
+    rows = [row(500, 0.80, 0.30), row(1000, 0.96, 0.70, [(500, 0.9), (750, 0.955)]), row(2000, 0.98, 0.9)]
+    reached = {r["key"]: r for r in ttq.bars_reached(rows)}
+    assert reached["test/exact_match"]["steps"] == 1000 and reached["test/exact_match"]["samples"] == 32000
+    assert reached["test/exact_match"]["val_steps"] == 750
+    assert reached["compositional/exact_match"]["steps"] == 2000
+    assert ttq.bars_reached(rows[:1])[0]["steps"] is None
+    with pytest.raises(ValueError, match="steps > 0"):
+        ttq.run_budget("configs/shapes_captioner.yaml", 0, [], Path("unused"), unit="steps")

@@ -21,7 +21,8 @@ from mmlm.models.sequence import IGNORE_INDEX, count_label_tokens
 CROSSES = [("vit_reg", "qwen2"), ("convnext", "gpt2"), ("resnet_stage", "gemma"), ("vit_avg", "llama_untied")]
 CELLS = ([(v, "llama_sp") for v in VISION_CASES] + [("siglip", k) for k in LM_KINDS if k != "llama_sp"] + CROSSES)
 SLOW = {("vit_reg_gap", "llama_sp"), ("resnet_stage", "llama_sp"), ("vit_avg", "llama_untied"), ("resnet_stage", "gemma"), ("convnext", "gpt2")}
-MATRIX = [pytest.param(v, k, id=f"{v}-{k}", marks=[pytest.mark.slow] if (v, k) in SLOW else []) for v, k in CELLS]
+MATRIX = [pytest.param(v, k, id=f"{v}-{k}", marks=[pytest.mark.slow] if (v, k) in SLOW else [])
+          for v, k in CELLS]
 CAPTIONS = ["a small red circle on the left", "a big blue square at the top", "a green triangle on the right"]
 LABELS = ["red circle", "blue square", "red", "big blue circle"]
 
@@ -185,8 +186,8 @@ def test_too_many_image_tokens_for_the_lm_s_positions_is_a_config_error():
     """Pitfall 2: a ViT-B/16 at 224 px (196 tokens) + 64 text tokens into GPT-2's 128 positions."""
     with pytest.raises(ConfigError, match=r"196 image tokens \+ max_length 64 = 260 positions.*n_positions is 128"):
         build("vit_cls", "gpt2", size="pretrained", max_length=64)
-    with pytest.raises(ConfigError, match=r"lower model.max_length to <= 48"):
-        build("vit_cls", "gpt2", max_length=100)  # 16 tokens at 64 px + 100 > 128
+    with pytest.raises(ConfigError, match=r"16 image tokens \+ max_length 120 .* lower model.max_length to <= 112"):
+        build("vit_cls", "gpt2", max_length=120)  # 16 tokens at 64 px + 120 > 128
     assert build("vit_cls", "gpt2", max_length=112).num_image_tokens == 16  # exactly full: fine
 
 

@@ -464,3 +464,49 @@ def test_training_continues_after_generation_in_inference_mode(lm):
     scores *= 2  # the scores are ordinary tensors (no_grad, not inference mode): in-place use is fine
     losses = train_steps(model, model.prepare_batch(pixels(model), CAPTIONS), 3)
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+# ----------------------------------------------------------------------------------------- sequence segments
+def test_encode_segments_labels_exactly_the_trained_segments():
+    from mmlm.models.sequence import Segment, encode_segments
+
+    model = tiny_model()
+    tok = model.tokenizer
+    segments = [Segment("user: look <image> what is it?\n"), Segment("a red circle", train=True),
+                Segment("\nuser: and now?\n"), Segment("a blue square", train=True)]
+    enc = encode_segments(tok, segments, image_token_id=model.image_token_id, num_image_tokens=5,
+                          start_token_id=model.start_token_id, eos_token_id=model.eos_token_id)
+    whole = tok("".join(s.text for s in segments), add_special_tokens=False)["input_ids"]
+    assert enc.input_ids[0] == model.start_token_id and enc.input_ids.count(model.image_token_id) == 5
+    assert [t for t in enc.input_ids[1:-1] if t != model.image_token_id] == \
+        [t for t in whole if t != model.image_token_id]  # one tokenisation of the whole text
+    for index in (1, 3):  # each trained segment's tokens are labelled and decode to its text
+        tokens = [t for t, s in zip(enc.labels, enc.segments) if s == index]
+        assert IGNORE_INDEX not in tokens and tok.decode(tokens) == segments[index].text
+    untrained = [label for label, s in zip(enc.labels, enc.segments) if s in (0, 2)]
+    assert untrained and set(untrained) == {IGNORE_INDEX}
+    assert enc.labels[-1] == model.eos_token_id  # the last segment trains: so does the EOS
+    with pytest.raises(ValueError, match="trained segment"):
+        encode_segments(tok, [Segment("<image> x", train=True)], image_token_id=model.image_token_id,
+                        num_image_tokens=5)
+
+
+def test_join_answer_adds_the_space_the_sentence_has():
+    from mmlm.models.sequence import join_answer
+
+    assert join_answer("describe:", "a red circle") == " a red circle"
+    assert join_answer("", "a red circle") == "a red circle"
+    assert join_answer("look <image>", "a red circle") == "a red circle"
+    assert join_answer("a photo of a", " red circle") == " red circle"
+    assert join_answer("question\n", "yes") == "yes"
+    assert join_answer("这是", "红色的圆") == "红色的圆"
+
+
+def test_slow_tokenizers_are_refused_with_the_fix():
+    from mmlm.models.sequence import Segment, encode_segments
+
+    class Slow:
+        is_fast = False
+
+    with pytest.raises(TypeError, match="not a fast tokenizer.*use_fast=True"):
+        encode_segments(Slow(), [Segment("a")], image_token_id=0, num_image_tokens=1)

@@ -16,8 +16,8 @@ CAPTIONS = ["a small red circle on the left", "a big blue square at the top"]
 
 def config(**kw) -> VLMConfig:
     kw.setdefault("vision", vision_config("vit_cls", "override"))
-    return VLMConfig(projector=ProjectorConfig(type="mlp"), language=language_config("llama_sp", **kw.pop("language", {})),
-                     prompt="describe:", max_length=24, **kw)
+    language = language_config("llama_sp", **kw.pop("language", {}))
+    return VLMConfig(projector=ProjectorConfig(type="mlp"), language=language, prompt="describe:", max_length=24, **kw)
 
 
 def batch_for(model):

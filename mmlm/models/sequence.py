@@ -78,7 +78,8 @@ def encode_segments(tokenizer, segments: Sequence[Segment], *, image_token_id: i
     bounds, text, offset = [], [], 0
     for i, segment in enumerate(segments):
         if segment.train and IMAGE_TOKEN in segment.text:
-            raise ValueError(f"segment {i}: '{IMAGE_TOKEN}' in a trained segment {segment.text!r}; images are input only")
+            raise ValueError(f"segment {i}: '{IMAGE_TOKEN}' in a trained segment {segment.text!r}; "
+                             "images are input only")
         bounds.append((offset, offset + len(segment.text)))
         text.append(segment.text)
         offset += len(segment.text)

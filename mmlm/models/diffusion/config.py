@@ -14,6 +14,9 @@ SAMPLER_NAMES = ("ddpm", "ddim", "dpm++")  # the classes are in sampling.SAMPLER
 SPACES = ("pixel", "patch", "latent")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TEXT_ENCODER_KINDS = ("scratch", "pretrained", "lm")
+CROPS = ("squash", "center", "random")
+# Without a pipeline these keys take their from-scratch defaults; with one, the pipeline's folder decides.
+SCRATCH_DEFAULTS = dict(space="patch", image_size=32, prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2")
 
 
 @dataclasses.dataclass
@@ -32,6 +35,9 @@ class TextEncoderConfig:
     num_layers: int = 2
     num_heads: int = 2
     cache_size: int = 65536  # cached caption embeddings when frozen (cleared when full)
+    # Like diffusers' Stable Diffusion pipelines: the text model runs without an attention mask (unless its config
+    # says use_attention_mask) and the denoiser attends over every padded position. Set for pipelines (model.pipeline).
+    attend_padding: bool = False
 
     def __post_init__(self):
         if self.kind not in TEXT_ENCODER_KINDS:
@@ -105,6 +111,9 @@ class DenoiserConfig:
     hidden_size: int = 128  # transformer width
     num_layers: int = 4  # transformer blocks
     patch_size: int = 2
+    # A pretrained UNet2DConditionModel / DiT folder or Hub id (with ``subfolder``): overrides model.pipeline's.
+    name_or_path: str | None = None
+    subfolder: str | None = None
 
     def __post_init__(self):
         if self.kind not in ("unet", "transformer"):
@@ -139,26 +148,59 @@ class DenoiserConfig:
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    """LoRA adapters (peft, saved in diffusers' LoRA format) on the denoiser's attention, optionally the text encoder's.
+
+    Everything else is frozen; ``alpha`` defaults to ``rank`` (scale 1), as diffusers' LoRA training script does.
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+    text_encoder: bool = False  # also LoRA on the text encoder (else it stays as text_encoder.freeze says)
+    text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ConfigError(f"model.lora.rank: expected >= 1, got {self.rank}")
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules: expected at least one module name")
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+@dataclasses.dataclass
 class TextToImageConfig:
     """A text-to-image model: round-trips through mmlm.config.from_dict / to_dict.
 
     ``training_loss`` takes pixel values in [-1, 1] (what ``image_transform`` produces).
+
+    ``pipeline``: a diffusers pipeline folder or Hub id (model_index.json, unet/ or transformer/, text_encoder/,
+    tokenizer/, vae/, scheduler/) to fine-tune; its parts, resolution, latent scaling and noise schedule are used
+    unless ``denoiser.name_or_path`` / ``text_encoder`` (kind pretrained) / ``vae.name_or_path`` /
+    ``prediction_type`` / ``beta_schedule`` / ``image_size`` are set. Left null, ``space``, ``image_size``,
+    ``prediction_type`` and ``beta_schedule`` take the from-scratch defaults of ``SCRATCH_DEFAULTS``.
     """
 
-    image_size: int = 32
+    pipeline: str | None = None
+    image_size: int | None = None  # 32 from scratch; a pipeline's own resolution (denoiser sample size x VAE factor)
     # Patch by default: exact pixel-space diffusion (no VAE pre-stage, nothing lost) with the denoiser
     # running at image_size / patch_size; a tiny self-trained 2x VAE came out washed out, and a UNet at
     # the full 32x32 learned far slower per CPU-second (benchmarks/diffusion_recipe_search.py).
-    space: str = "patch"  # pixel | patch | latent
+    space: str | None = None  # pixel | patch | latent; patch from scratch, latent with a pipeline
     patch_size: int = 2  # patch space only: pixel_unshuffle factor (32x32x3 -> 16x16x12)
     denoiser: DenoiserConfig = dataclasses.field(default_factory=DenoiserConfig)
     text_encoder: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
     vae: AutoencoderConfig | None = dataclasses.field(default_factory=AutoencoderConfig)  # latent space only
-    prediction_type: str = "v_prediction"  # epsilon | v_prediction
+    prediction_type: str | None = None  # epsilon | v_prediction; v from scratch, the pipeline scheduler's otherwise
     snr_gamma: float | None = 5.0  # min-SNR loss weighting; None = plain MSE
     caption_dropout: float = 0.1  # p(caption -> "") in training, for classifier-free guidance
+    noise_offset: float = 0.0  # adds noise_offset x N(0, 1) per image and channel to the noise (brighter/darker images)
     num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"  # any DDPMScheduler beta_schedule
+    beta_schedule: str | None = None  # any DDPMScheduler beta_schedule; squaredcos_cap_v2 from scratch
     # Shifts the schedule's log-SNR by -2 log(noise_shift) (Simple Diffusion, Hoogeboom et al. 2023): more noise,
     # so that more steps decide the global layout; 2 gives a 32x32 image the noise levels a 16x16 one sees.
     noise_shift: float = 1.0
@@ -166,17 +208,33 @@ class TextToImageConfig:
     num_inference_steps: int = 20
     guidance_scale: float = 2.0
     random_flip: bool = False  # train-time horizontal flip (off: captions may say left/right)
+    crop: str = "squash"  # squash (resize both sides) | center | random (resize the short side, then crop)
+    lora: LoraConfig | None = None  # LoRA fine-tuning instead of full
 
     def __post_init__(self):
-        if self.space not in SPACES:
+        if self.pipeline is None:
+            for key, value in SCRATCH_DEFAULTS.items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
+        elif self.space not in (None, "latent"):
+            raise ConfigError(f"model.space: a pipeline (model.pipeline) works in latent space, got {self.space!r}")
+        if self.crop not in CROPS:
+            raise ConfigError(f"model.crop: expected one of {CROPS}, got {self.crop!r}")
+        if self.noise_offset < 0:
+            raise ConfigError(f"model.noise_offset: expected >= 0, got {self.noise_offset}")
+        if self.lora is not None and self.pipeline is None and self.denoiser.name_or_path is None:
+            raise ConfigError("model.lora: LoRA fine-tunes a pretrained denoiser; set model.pipeline "
+                              "(or denoiser.name_or_path)")
+        if self.space is not None and self.space not in SPACES:
             raise ConfigError(f"model.space: expected one of {SPACES}, got {self.space!r}")
+        # image_size None: a pipeline's, filled in when the model is built
         if self.space == "patch" and (self.patch_size < 1 or self.image_size % self.patch_size):
             raise ConfigError(
                 f"model.patch_size: expected a divisor of image_size ({self.image_size}) >= 1, got {self.patch_size}"
             )
-        if self.space == "latent" and self.vae is None:
+        if self.space == "latent" and self.vae is None and self.pipeline is None:
             raise ConfigError("model.vae: required when space is 'latent'")
-        if self.prediction_type not in PREDICTION_TYPES:
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise ConfigError(
                 f"model.prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
             )
@@ -188,5 +246,5 @@ class TextToImageConfig:
             raise ConfigError(f"model.snr_gamma: expected > 0 or null, got {self.snr_gamma}")
         if not self.noise_shift > 0:
             raise ConfigError(f"model.noise_shift: expected > 0, got {self.noise_shift}")
-        if self.image_size < 8:
+        if self.image_size is not None and self.image_size < 8:
             raise ConfigError(f"model.image_size: expected >= 8, got {self.image_size}")

@@ -13,10 +13,16 @@ Latent space with a VAE trained here is a two-stage recipe: call ``fit_autoencod
 before diffusion training (``needs_autoencoder_fit`` says whether it is still due; the budget comes
 from ``config.vae.train_steps`` / ``train_minutes``). A pretrained VAE (``vae.name_or_path``) needs no
 fit and keeps its own scaling factor.
+
+Fine-tuning a pretrained diffusers pipeline: ``config.pipeline`` names its folder or Hub id; the parts, the
+resolution, the latent scaling (and shift) and the noise schedule come from it (``pretrained.py``), full or LoRA
+(``config.lora``). Such a model saves as a diffusers pipeline folder that ``DiffusionPipeline.from_pretrained``
+loads without mmlm.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -30,7 +36,7 @@ from PIL import Image
 from torch import nn
 
 from mmlm.config import ConfigError, from_dict, to_dict
-from mmlm.models.diffusion import sampling
+from mmlm.models.diffusion import pretrained, sampling
 from mmlm.models.diffusion.autoencoder import build_autoencoder, train_autoencoder
 from mmlm.models.diffusion.config import DenoiserConfig, TextToImageConfig
 from mmlm.models.diffusion.text_encoder import TextEncoder, check_prompts
@@ -92,6 +98,7 @@ class TextToImage(nn.Module):
         noise_scheduler: DDPMScheduler,
         vae: AutoencoderKL | None = None,
         latent_scale: float = 0.0,
+        latent_shift: float = 0.0,
     ):
         super().__init__()
         if (vae is None) == (config.space == "latent"):
@@ -106,6 +113,7 @@ class TextToImage(nn.Module):
             vae.eval()
         # In the state dict, so a data-computed scale survives resume and weight swaps. 0 = not fitted yet.
         self.register_buffer("latent_scale", torch.tensor(float(latent_scale)))
+        self.latent_shift = float(latent_shift)  # a pretrained VAE's shift_factor (SD3/Flux style); 0 otherwise
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -117,6 +125,8 @@ class TextToImage(nn.Module):
     ) -> TextToImage:
         """Build from a config; ``corpus`` trains the scratch tokenizer; ``text_encoder`` overrides the config's
         (e.g. ``TextEncoder.from_language_model(vlm.language, vlm.tokenizer)``)."""
+        if config.pipeline is not None:
+            return cls.from_pipeline(config)
         text_encoder = text_encoder or TextEncoder.from_config(config.text_encoder, corpus)
         vae, latent_scale, size, channels = None, 0.0, config.image_size, 3
         if config.space == "latent":
@@ -132,10 +142,28 @@ class TextToImage(nn.Module):
         noise_scheduler = sampling.build_noise_scheduler(config)
         return cls(config, text_encoder, denoiser, noise_scheduler, vae, latent_scale)
 
+    @classmethod
+    def from_pipeline(cls, config: TextToImageConfig) -> TextToImage:
+        """The parts of the diffusers pipeline ``config.pipeline`` (see ``pretrained.load_pipeline_parts``), with
+        LoRA adapters when ``config.lora`` is set."""
+        parts = pretrained.load_pipeline_parts(config)
+        if config.lora is not None:
+            pretrained.add_lora(parts.denoiser, config.lora, config.lora.target_modules)
+            if config.lora.text_encoder:
+                pretrained.add_lora(parts.text_encoder.model, config.lora, config.lora.text_encoder_target_modules)
+        return cls(parts.config, parts.text_encoder, parts.denoiser, parts.noise_scheduler, parts.vae,
+                   parts.latent_scale, parts.latent_shift)
+
     def save_pretrained(self, path: str | Path) -> None:
-        """A diffusers-style folder: config.json, denoiser/, scheduler/, text_encoder/, tokenizer/, vae/."""
+        """A folder: from a pipeline, the diffusers pipeline layout (``pretrained.save_diffusers_layout``);
+        from scratch, config.json, denoiser/, scheduler/, text_encoder/, tokenizer/, vae/."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        if self.config.pipeline is not None:
+            pretrained.save_diffusers_layout(self, path)
+            meta = {"model_class": type(self).__name__, "layout": "diffusers", "config": to_dict(self.config)}
+            (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            return
         self.denoiser.save_pretrained(path / "denoiser", safe_serialization=True)
         self.noise_scheduler.save_pretrained(path / "scheduler")
         text_class = self.text_encoder.save(path / "text_encoder", path / "tokenizer")
@@ -155,9 +183,13 @@ class TextToImage(nn.Module):
         """Load a folder written by ``save_pretrained`` (local only: no network, no pickle)."""
         path = Path(path)
         meta_file = path / CONFIG_NAME
+        if not meta_file.is_file() and (path / "model_index.json").is_file():  # a diffusers pipeline of any origin
+            return cls.from_config(TextToImageConfig(pipeline=str(path)))
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file}: not found; expected a folder written by TextToImage.save_pretrained")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if meta.get("layout") == "diffusers":
+            return cls._from_diffusers_layout(path, meta)
         # "_class_name": the key of folders saved before the generator took the VLM's "model_class".
         class_name = meta.get("model_class", meta.get("_class_name"))
         if class_name != cls.__name__:
@@ -172,6 +204,21 @@ class TextToImage(nn.Module):
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
         return cls(config, text_encoder, denoiser, scheduler, vae, meta["latent_scale"])
 
+    @classmethod
+    def _from_diffusers_layout(cls, path: Path, meta: dict) -> TextToImage:
+        """A pipeline folder mmlm saved: every part from the folder itself, then its LoRA file when it has one."""
+        config = from_dict(TextToImageConfig, meta["config"], where="model")
+        config = dataclasses.replace(
+            config, pipeline=str(path),
+            denoiser=dataclasses.replace(config.denoiser, name_or_path=None, subfolder=None),
+            text_encoder=dataclasses.replace(config.text_encoder, name_or_path=str(path)),
+            vae=None if config.vae is None else dataclasses.replace(config.vae, name_or_path=None, subfolder=None),
+        )
+        model = cls.from_config(config)
+        if config.lora is not None:
+            pretrained.load_lora(model, path)
+        return model
+
     # ---------------------------------------------------------------- pieces the harness uses
     @property
     def device(self) -> torch.device:
@@ -179,9 +226,13 @@ class TextToImage(nn.Module):
 
     def image_transform(self, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
         """PIL -> tensor in [-1, 1] at ``image_size``, the input ``training_loss`` expects (picklable)."""
-        size = self.config.image_size
-        steps = [T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
-                 T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+        size, crop = self.config.image_size, self.config.crop
+        if crop == "squash":
+            resize = [T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)]
+        else:  # the short side to size, then a centre crop (a random one in training with crop: random)
+            cropper = T.RandomCrop(size) if train and crop == "random" else T.CenterCrop(size)
+            resize = [T.Resize(size, interpolation=T.InterpolationMode.BILINEAR), cropper]
+        steps = [*resize, T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
         if train and self.config.random_flip:
             steps.append(T.RandomHorizontalFlip())
         return ImageTransform(T.Compose(steps))
@@ -192,6 +243,12 @@ class TextToImage(nn.Module):
         if not self.text_encoder.frozen:
             groups["text_encoder"] = self.text_encoder.model
         return groups
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the denoiser's (and a trained text encoder's) activations in backward (train.gradient_checkpointing)."""
+        self.denoiser.enable_gradient_checkpointing()
+        if not self.text_encoder.frozen and hasattr(self.text_encoder.model, "gradient_checkpointing_enable"):
+            self.text_encoder.model.gradient_checkpointing_enable()
 
     def train(self, mode: bool = True) -> TextToImage:
         super().train(mode)
@@ -244,7 +301,7 @@ class TextToImage(nn.Module):
                 "(or set vae.name_or_path to a pretrained AutoencoderKL)"
             )
         with torch.no_grad():
-            return self.vae.encode(pixel_values).latent_dist.sample() * self.latent_scale
+            return (self.vae.encode(pixel_values).latent_dist.sample() - self.latent_shift) * self.latent_scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The inverse of ``encode_images``: denoiser space -> pixels (roughly in [-1, 1])."""
@@ -252,7 +309,7 @@ class TextToImage(nn.Module):
             return F.pixel_shuffle(latents, self.config.patch_size)
         if self.vae is None:
             return latents
-        return self.vae.decode(latents / self.latent_scale).sample
+        return self.vae.decode(latents / self.latent_scale + self.latent_shift).sample
 
     def predict(self, sample: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
                 text_mask: torch.Tensor) -> torch.Tensor:
@@ -262,8 +319,10 @@ class TextToImage(nn.Module):
         extra = {}
         if getattr(self.denoiser.config, "class_embed_type", None) == "projection":
             extra["class_labels"] = pooled_text(text, text_mask)
+        # Pipelines' denoisers attend over every padded position, as diffusers' pipelines call them.
+        mask = None if self.text_encoder.config.attend_padding else text_mask
         return self.denoiser(
-            sample, timestep=timesteps, encoder_hidden_states=text, encoder_attention_mask=text_mask, **extra
+            sample, timestep=timesteps, encoder_hidden_states=text, encoder_attention_mask=mask, **extra
         ).sample
 
     def forward(self, pixel_values: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
@@ -292,6 +351,9 @@ class TextToImage(nn.Module):
         text, text_mask = self.text_encoder(captions)
 
         noise = torch.randn_like(x0)
+        if self.config.noise_offset:  # per image and channel (Guttenberg's offset noise, as diffusers' scripts)
+            noise = noise + self.config.noise_offset * torch.randn(*x0.shape[:2], 1, 1, device=x0.device,
+                                                                   dtype=x0.dtype)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(x0),), device=x0.device)
         noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
         if self.config.prediction_type == "epsilon":

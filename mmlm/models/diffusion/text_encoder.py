@@ -170,6 +170,10 @@ class TextEncoder(nn.Module):
     def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids and mask of shape [B, max_length]; never an all-padding row."""
         length = self.config.max_length
+        if self.config.attend_padding:  # exactly as diffusers' pipelines tokenise prompts
+            encoded = self.tokenizer(list(captions), padding="max_length", max_length=length, truncation=True,
+                                     return_tensors="pt")
+            return encoded["input_ids"], encoded["attention_mask"]
         encoded = self.tokenizer(list(captions), add_special_tokens=True, truncation=True, max_length=length)
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
@@ -190,6 +194,10 @@ class TextEncoder(nn.Module):
         if self.config.kind == "lm":
             out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
             hidden = out.hidden_states[self.config.hidden_layer]
+        elif self.config.attend_padding:  # diffusers' pipelines: a mask only where the model's config asks for one
+            use_mask = getattr(self.model.config, "use_attention_mask", False)
+            hidden = self.model(input_ids=ids, attention_mask=mask if use_mask else None)[0]
+            mask = torch.ones_like(mask)
         else:
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return hidden, mask

@@ -1,0 +1,302 @@
+"""Pretrained diffusers pipelines in and out: load the parts of a pipeline folder (or Hub id), check that they fit,
+add LoRA adapters (peft), and write a trained model back as a diffusers-layout folder.
+
+What ``DiffusionPipeline.from_pretrained`` reads is what we write: ``model_index.json``, ``unet/`` or
+``transformer/``, ``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/`` (the sampler mmlm samples with,
+so the pipeline and ``TextToImage.generate`` give the same images), LoRA runs also
+``pytorch_lora_weights.safetensors`` (diffusers' LoRA format: ``pipe.load_lora_weights(folder)``) over the
+untouched base weights, and mmlm's own ``config.json`` beside them (``model_class`` and the training config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from diffusers import AutoencoderKL, DDPMScheduler
+from safetensors.torch import save_file
+from torch import nn
+
+from mmlm.config import ConfigError
+from mmlm.models.diffusion.config import LoraConfig, TextToImageConfig
+from mmlm.models.diffusion.text_encoder import TextEncoder
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+DENOISER_PARTS = ("unet", "transformer")
+# The diffusers pipeline class a saved folder names, by its denoiser's folder.
+PIPELINE_CLASSES = {"unet": "StableDiffusionPipeline", "transformer": "PixArtAlphaPipeline"}
+
+
+@dataclasses.dataclass
+class PipelineParts:
+    """What a pipeline folder gives a TextToImage, and the config with the pipeline's values filled in."""
+
+    config: TextToImageConfig
+    text_encoder: TextEncoder
+    denoiser: nn.Module
+    noise_scheduler: DDPMScheduler
+    vae: AutoencoderKL
+    latent_scale: float
+    latent_shift: float
+
+
+def pipeline_index(pipeline: str) -> dict:
+    """``model_index.json`` of a folder or Hub id; a local folder without one is an error naming it."""
+    folder = Path(pipeline)
+    if folder.is_dir():
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"model.pipeline: {index} not found; expected a diffusers pipeline folder "
+                                    "(model_index.json, unet/ or transformer/, text_encoder/, tokenizer/, vae/, "
+                                    "scheduler/)")
+        return json.loads(index.read_text(encoding="utf-8"))
+    return diffusers.DiffusionPipeline.load_config(pipeline)
+
+
+def _part_class(index: dict, part: str, library, pipeline: str):
+    entry = index.get(part)
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
+        raise ConfigError(f"model.pipeline: {pipeline} has no '{part}' part (model_index.json: {entry!r})")
+    cls = getattr(library, entry[1], None)
+    if cls is None:
+        raise ConfigError(f"model.pipeline: {pipeline}/{part} is a {entry[1]}, which {library.__name__} lacks")
+    return cls
+
+
+def _check_folder(pipeline: str, part: str) -> None:
+    if Path(pipeline).is_dir() and not (Path(pipeline) / part).is_dir():
+        raise FileNotFoundError(f"model.pipeline: {Path(pipeline) / part} not found (the pipeline's {part}); "
+                                "add it to the folder or set the part's own key in the model config")
+
+
+def load_pipeline_parts(config: TextToImageConfig) -> PipelineParts:
+    """Build every part from ``config.pipeline`` (or the part's own key where set) and check that they fit."""
+    pipeline = config.pipeline
+    index = pipeline_index(pipeline)
+    if "text_encoder_2" in index or "text_encoder_3" in index:
+        raise ConfigError(f"model.pipeline: {pipeline} has several text encoders (SDXL / SD3 style); mmlm "
+                          "fine-tunes pipelines with one text encoder")
+    denoiser = _load_denoiser(config, index)
+    text_encoder = _load_text_encoder(config, index)
+    vae = _load_vae(config, index)
+    noise_scheduler = _load_noise_scheduler(config)
+    check_parts_fit(pipeline, denoiser, text_encoder.hidden_size, vae)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    image_size = config.image_size or int(denoiser.config.sample_size) * factor
+    if image_size % factor:
+        raise ConfigError(f"model.image_size {image_size} is not divisible by the VAE's factor {factor}")
+    resolved = dataclasses.replace(
+        config, space="latent", image_size=image_size,
+        prediction_type=noise_scheduler.config.prediction_type,
+        beta_schedule=noise_scheduler.config.beta_schedule,
+        num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+        text_encoder=text_encoder.config,
+    )
+    shift = getattr(vae.config, "shift_factor", None)
+    return PipelineParts(resolved, text_encoder, denoiser, noise_scheduler, vae,
+                         float(vae.config.scaling_factor), float(shift or 0.0))
+
+
+def _load_denoiser(config: TextToImageConfig, index: dict) -> nn.Module:
+    own = config.denoiser
+    part = next((p for p in DENOISER_PARTS if p in index), None)
+    if own.name_or_path:
+        path, subfolder = own.name_or_path, own.subfolder
+        cls = diffusers.UNet2DConditionModel if own.kind == "unet" else diffusers.PixArtTransformer2DModel
+        if part is not None:
+            cls = _part_class(index, part, diffusers, config.pipeline)
+    else:
+        if part is None:
+            raise ConfigError(f"model.pipeline: {config.pipeline} has neither a 'unet' nor a 'transformer' part "
+                              "(model_index.json); set model.denoiser.name_or_path")
+        _check_folder(config.pipeline, part)
+        path, subfolder, cls = config.pipeline, part, _part_class(index, part, diffusers, config.pipeline)
+    return cls.from_pretrained(path, subfolder=subfolder)
+
+
+def _load_text_encoder(config: TextToImageConfig, index: dict) -> TextEncoder:
+    own = config.text_encoder
+    if own.kind == "pretrained":  # the config's own text encoder overrides the pipeline's
+        encoder = TextEncoder.from_config(own)
+    else:
+        for part in ("text_encoder", "tokenizer"):
+            _check_folder(config.pipeline, part)
+        model_class = _part_class(index, "text_encoder", transformers, config.pipeline)
+        tokenizer_class = _part_class(index, "tokenizer", transformers, config.pipeline)
+        model = model_class.from_pretrained(config.pipeline, subfolder="text_encoder")
+        tokenizer = tokenizer_class.from_pretrained(config.pipeline, subfolder="tokenizer")
+        length = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else own.max_length
+        train_it = own.freeze is False or (config.lora is not None and config.lora.text_encoder)
+        te_config = dataclasses.replace(own, kind="pretrained", name_or_path=config.pipeline, max_length=length,
+                                        attend_padding=True, freeze=not train_it)
+        encoder = TextEncoder(model, tokenizer, te_config)
+    return encoder
+
+
+def _load_vae(config: TextToImageConfig, index: dict) -> AutoencoderKL:
+    own = config.vae
+    if own is not None and own.name_or_path:
+        return AutoencoderKL.from_pretrained(own.name_or_path, subfolder=own.subfolder)
+    _check_folder(config.pipeline, "vae")
+    return _part_class(index, "vae", diffusers, config.pipeline).from_pretrained(config.pipeline, subfolder="vae")
+
+
+def _load_noise_scheduler(config: TextToImageConfig) -> DDPMScheduler:
+    """The pipeline's noise schedule as a DDPM training scheduler; ``prediction_type`` / ``beta_schedule`` override."""
+    _check_folder(config.pipeline, "scheduler")
+    scheduler_config = DDPMScheduler.load_config(config.pipeline, subfolder="scheduler")
+    overrides = {key: getattr(config, key) for key in ("prediction_type", "beta_schedule")
+                 if getattr(config, key) is not None}
+    if overrides.get("beta_schedule") and overrides["beta_schedule"] != scheduler_config.get("beta_schedule"):
+        scheduler_config.pop("trained_betas", None)  # an explicit schedule replaces the folder's betas
+    return DDPMScheduler.from_config(scheduler_config, **overrides, clip_sample=False)
+
+
+def check_parts_fit(pipeline: str, denoiser: nn.Module, text_width: int, vae: AutoencoderKL) -> None:
+    """Cross-attention width vs text encoder width, and denoiser channels vs VAE latents, named with both numbers."""
+    cfg = denoiser.config
+    wanted = getattr(cfg, "caption_channels", None) or getattr(cfg, "cross_attention_dim", None)
+    name = "caption_channels" if getattr(cfg, "caption_channels", None) else "cross_attention_dim"
+    if wanted is not None and int(wanted) != int(text_width):
+        raise ConfigError(f"model.pipeline {pipeline}: the denoiser's {name} is {wanted} but the text encoder's "
+                          f"hidden size is {text_width}; they must match")
+    latent = int(vae.config.latent_channels)
+    if int(cfg.in_channels) != latent:
+        raise ConfigError(f"model.pipeline {pipeline}: the denoiser takes {cfg.in_channels} input channels but "
+                          f"the VAE's latents have {latent} (vae latent_channels); they must match")
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+def add_lora(model: nn.Module, lora: LoraConfig, target_modules) -> None:
+    """Freeze ``model`` and add a trainable peft LoRA adapter on ``target_modules`` (diffusers' and transformers'
+    own ``add_adapter``, as diffusers' LoRA training scripts do)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(PeftLoraConfig(r=lora.rank, lora_alpha=lora.scale_alpha, lora_dropout=lora.dropout,
+                                     init_lora_weights="gaussian", target_modules=list(target_modules)))
+
+
+def has_lora(model: nn.Module) -> bool:
+    return bool(getattr(model, "peft_config", None))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights in diffusers' LoRA format (the keys ``load_lora_weights`` takes)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+
+def lora_metadata(model: nn.Module) -> dict:
+    """The adapter's LoraConfig as saved beside the weights (so rank and alpha load as trained)."""
+    config = model.peft_config["default"].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights without the LoRA adapter (peft's ``base_layer`` renamed back), contiguous, for safetensors."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if "lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = value.detach().contiguous()
+    return state
+
+
+# ------------------------------------------------------------------------------------------ saving
+def save_part(model: nn.Module, folder: Path, weights_name: str) -> None:
+    """``save_pretrained`` for a plain part; for a part with a LoRA adapter, its base weights and config."""
+    if not has_lora(model):
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_config"):  # diffusers
+        model.save_config(folder)
+    else:  # transformers
+        model.config.save_pretrained(folder)
+    save_file(base_state_dict(model), folder / weights_name, metadata={"format": "pt"})
+
+
+def save_diffusers_layout(model, path: Path) -> None:
+    """Write ``model`` (a TextToImage from a pipeline) as a diffusers pipeline folder; see the module docstring."""
+    from mmlm.models.diffusion import sampling
+
+    part = "transformer" if model.config.denoiser.kind == "transformer" or not hasattr(
+        model.denoiser.config, "cross_attention_dim") else "unet"
+    text_model, tokenizer = model.text_encoder.model, model.text_encoder.tokenizer
+    sampler = sampling.make_sampler(model.noise_scheduler, model.config.scheduler)
+    vae = model.vae
+    vae.register_to_config(scaling_factor=float(model.latent_scale))
+    save_part(model.denoiser, path / part, "diffusion_pytorch_model.safetensors")
+    save_part(text_model, path / "text_encoder", "model.safetensors")
+    tokenizer.save_pretrained(path / "tokenizer")
+    vae.save_pretrained(path / "vae", safe_serialization=True)
+    sampler.save_pretrained(path / "scheduler")
+    index = {
+        "_class_name": PIPELINE_CLASSES[part],
+        "_diffusers_version": diffusers.__version__,
+        part: [_library_of(model.denoiser), type(model.denoiser).__name__],
+        "text_encoder": [_library_of(text_model), type(text_model).__name__],
+        "tokenizer": [_library_of(tokenizer), type(tokenizer).__name__],
+        "vae": ["diffusers", type(vae).__name__],
+        "scheduler": ["diffusers", type(sampler).__name__],
+    }
+    if part == "unet":
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False,
+                     image_encoder=[None, None])
+    (path / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    save_lora(model, path)
+
+
+def _library_of(obj) -> str:
+    return type(obj).__module__.split(".")[0]
+
+
+def save_lora(model, path: Path) -> None:
+    """``pytorch_lora_weights.safetensors`` in diffusers' format when the denoiser or text encoder has LoRA."""
+    denoiser, text_model = model.denoiser, model.text_encoder.model
+    if not has_lora(denoiser) and not has_lora(text_model):
+        return
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(
+        path,
+        unet_lora_layers=lora_state_dict(denoiser) if has_lora(denoiser) else None,
+        text_encoder_lora_layers=lora_state_dict(text_model) if has_lora(text_model) else None,
+        unet_lora_adapter_metadata=lora_metadata(denoiser) if has_lora(denoiser) else None,
+        text_encoder_lora_adapter_metadata=lora_metadata(text_model) if has_lora(text_model) else None,
+        weight_name=LORA_WEIGHTS,
+    )
+
+
+def load_lora(model, path: Path) -> None:
+    """Put the adapters of ``path``'s LoRA file back on ``model`` (built with the same ``config.lora``)."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+
+    state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path), weight_name=LORA_WEIGHTS,
+                                                              return_lora_metadata=True)
+    for prefix, module in (("unet.", model.denoiser), ("text_encoder.", model.text_encoder.model)):
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not part:
+            continue
+        if not has_lora(module):
+            raise ValueError(f"{path / LORA_WEIGHTS} has {prefix.rstrip('.')} LoRA weights but model.lora does not "
+                             "put an adapter there")
+        if prefix == "unet.":
+            part = convert_unet_state_dict_to_peft(part)
+        else:
+            from diffusers.utils import convert_state_dict_to_peft
+
+            part = convert_state_dict_to_peft(part)
+        result = set_peft_model_state_dict(module, part)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"{path / LORA_WEIGHTS}: weights the adapter does not have: {unexpected[:5]}")

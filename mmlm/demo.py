@@ -64,8 +64,10 @@ def cap_note(max_minutes: float) -> str:
 class Progress:
     """Prints the measured speed and the ETAs of the stage and of the whole run (from the stage's log)."""
 
-    def __init__(self, stages: list[Stage], started: float, caps: dict[str, float] | None = None):
-        self.stages, self.started, self.caps = stages, started, caps or {}
+    def __init__(self, stages: list[Stage], started: float, caps: dict[str, float] | None = None,
+                 max_minutes: float | None = None):
+        self.stages, self.started, self.max_minutes = stages, started, max_minutes
+        self.caps = caps if caps is not None else {}  # shared with run_demo, which fills it stage by stage
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -79,6 +81,8 @@ class Progress:
             left = min(left, max(0.0, cap * 60 - meter.last[1]))
         elapsed = time.perf_counter() - self.started
         total = run_eta(self.stages, name, left, elapsed)
+        if total is not None and self.max_minutes is not None:
+            total = min(total, max(0.0, self.max_minutes * 60 - elapsed))
         first, last = meter.span
         text = (f"{name}: {stage.steps_per_s:.2f} steps/s (timed over steps {first}-{last}); "
                 f"about {format_duration(left)} of training left in this stage")
@@ -123,7 +127,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes
     if max_minutes is not None:
         caps["captioner"] = cap_shares(stages, max_minutes)["captioner"]
         print(cap_note(max_minutes))
-    progress = Progress(stages, started, caps)
+    progress = Progress(stages, started, caps, max_minutes)
 
     _section("1/4 data: the procedural shapes dataset")
     data_summary = write_data_sample(out / "data_sample")
@@ -131,6 +135,8 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes
     _section("2/4 captioner: timm encoder -> projector -> causal LM, trained from scratch")
     cap_cfg.output_dir = str(out / "captioner")
     _apply_cap(cap_cfg, caps.get("captioner"))
+    if cap_cfg.train.max_minutes is not None:  # the ETA honours a cap from --max-minutes or the recipe
+        caps["captioner"] = cap_cfg.train.max_minutes
     t0 = time.perf_counter()
     with progress.watch("captioner", out / "captioner"):
         cap_result = train(cap_cfg)
@@ -143,6 +149,8 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes
     if max_minutes is not None:
         caps["generator"] = remaining_cap(max_minutes, time.perf_counter() - started, stages[1:])
     _apply_cap(gen_cfg, caps.get("generator"))
+    if gen_cfg.train.max_minutes is not None:
+        caps["generator"] = gen_cfg.train.max_minutes
     t0 = time.perf_counter()
     with progress.watch("generator", out / "generator"):
         gen_result = train(gen_cfg)

@@ -103,6 +103,8 @@ def test_progress_message_gives_etas_and_warns_when_the_cap_cuts_the_steps():
     assert "allows about 240 of 1,000 steps: the bars may not be reached" in capped
     assert "1 min 25 s of training left" in capped  # the cap, not the steps, ends this stage
     assert "bars may not be reached" in cap_note(10) and "--max-minutes 10" in cap_note(10)
+    whole = Progress(stages, time.perf_counter(), {"captioner": 0.5}, max_minutes=1.0).message("captioner", meter, 75)
+    assert "about 1 min 0 s left for the whole demo" in whole or "about 59 s left for the whole demo" in whole
 
 
 def test_bar_and_metric_formatting():

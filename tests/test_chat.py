@@ -96,7 +96,8 @@ def test_default_template_for_trained_tokenizers_and_the_none_layout():
     add_vlm_special_tokens(tokenizer)
     assert chat.resolve_template(tokenizer, "auto") == chat.DEFAULT_CHAT_TEMPLATE
     segments = chat.conversation_segments(tokenizer, MESSAGES)
-    assert [s.text for s in segments if s.train] == ["red<|endoftext|>", "a green star<|endoftext|>"]
+    # the space after "assistant:" is the answer's (" red" is one token; a tokenizer without " yes" learns " ")
+    assert [s.text for s in segments if s.train] == [" red<|endoftext|>", " a green star<|endoftext|>"]
     assert chat.prompt_segments(tokenizer, MESSAGES[:1])[0].text.endswith("\nassistant:")
     plain = chat.conversation_segments(tokenizer, MESSAGES[:2], "none")
     assert [(s.text, s.train) for s in plain] == [("<image>\nwhat colour is the circle?", False),

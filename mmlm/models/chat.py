@@ -126,7 +126,9 @@ def assistant_spans(tokenizer, messages: Sequence[dict], template: str) -> tuple
             raise ValueError(f"messages[{k}]: the assistant's content {content[:60]!r} is empty or not found in the "
                              "rendered text; the label mask would cover nothing")
         end = start + len(content)
-        spans.append((start, end + len(_special_at(tokenizer, upto, end))))
+        # Everything after the generation prompt is the model's to produce: a separator the template writes
+        # before the content (" " after "assistant:", when the tokenizer has no " yes") is trained too.
+        spans.append((len(before), end + len(_special_at(tokenizer, upto, end))))
     return full, spans
 
 

@@ -100,10 +100,10 @@ class VQATask(VisionLanguageTask):
 
             for i in range(min(len(train), CORPUS_RECORDS)):
                 question, language, _ = train.question(i)
-                texts += [render_question(question, language), render_answer(question, language)]
+                texts += [render_question(question, language), " " + render_answer(question, language)]
             return texts
         for conv in train.conversations[:CORPUS_RECORDS]:
-            texts += [m["content"].replace("<image>", "") for m in conv.messages]
+            texts += [" " + m["content"].replace("<image>", "") for m in conv.messages]
         return texts
 
     def collate(self, samples: list) -> dict:

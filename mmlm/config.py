@@ -305,6 +305,7 @@ class TrainConfig:
     keep_last: int = 2
     best_metric: str | None = None  # e.g. "val/exact_match"; higher is better unless it ends in "loss"
     log_every: int = 10
+    report_to: list[str] = dataclasses.field(default_factory=list)  # tensorboard / wandb / mlflow (train.trackers)
     seed: int = 0
     compile: bool = False
     num_threads: int | None = None  # torch.set_num_threads on CPU

@@ -314,6 +314,11 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(to_dict(self.config), self.output_dir / "config.yaml")
             self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl", self.step if self.resumed_from else None)
+            if self.config.train.report_to:  # the same records to experiment trackers (mmlm.train.trackers)
+                from mmlm.train.trackers import TrackedMetricsLog
+
+                self.metrics_log = TrackedMetricsLog(self.metrics_log, self.config.train.report_to, self.output_dir,
+                                                     to_dict(self.config))
         self.accelerator.wait_for_everyone()
         self._bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.is_main,
                          dynamic_ncols=True)

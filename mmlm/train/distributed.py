@@ -108,6 +108,10 @@ def build_accelerator(train: TrainConfig, output_dir: Path) -> Accelerator:
             broadcast_buffers=ddp.broadcast_buffers)],
         fsdp_plugin=fsdp_plugin(train.fsdp),
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate 1.x makes fp16 a no-op on CPU (no autocast, no GradScaler): it would silently train in fp32
+        raise ConfigError("train.mixed_precision='fp16' needs a GPU (accelerate runs no fp16 autocast or grad "
+                          "scaler on CPU); use 'bf16' or 'no' on CPU")
     if launched_processes() != accelerator.num_processes:
         raise TrainingError(
             f"launched as {launched_processes()} processes but accelerate runs {accelerator.num_processes} "

@@ -65,7 +65,7 @@ def write_model_card(folder: str | Path, *, recipe: str | None = None, data: str
                      image: str | Path | None = None, tags: list[str] | None = None) -> Path:
     """Write ``folder/README.md`` for the model saved in ``folder``; returns its path.
 
-    ``recipe`` (config file or name), ``data`` (source), ``steps`` and ``metrics`` describe the run that made the
+    ``recipe`` (the run's config file, copied as ``recipe.yaml``, or a name), ``data`` (source), ``steps`` and ``metrics`` describe the run that made the
     model; ``image`` (a PNG of its outputs) is copied next to the card and shown in it.
     """
     folder = Path(folder)
@@ -75,6 +75,10 @@ def write_model_card(folder: str | Path, *, recipe: str | None = None, data: str
               "tags": ["mmlm", *TASK_TAGS.get(model_class, []), *(tags or [])]}
     body = [f"# {folder.resolve().name}", "", f"An mmlm `{model_class}`.", "", *_describe(meta), "",
             "## Usage", "", _usage(model_class, str(folder))]
+    if recipe is not None and Path(recipe).is_file():  # the run's whole config travels with the model
+        if Path(recipe).resolve() != (folder / "recipe.yaml").resolve():
+            shutil.copyfile(recipe, folder / "recipe.yaml")
+        recipe = "recipe.yaml (beside this card; `mmlm train recipe.yaml` repeats the run)"
     training = [f"- {name}: `{value}`" for name, value in (("recipe", recipe), ("data", data), ("steps", steps))
                 if value is not None]
     if training:

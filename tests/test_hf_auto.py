@@ -74,6 +74,7 @@ def test_a_folder_saved_before_the_transformers_keys_still_loads_both_ways(tmp_p
     processor = MmlmProcessor.from_pretrained(tmp_path)  # data config and token count probed from the tower
     assert processor.num_image_tokens == vlm.num_image_tokens
     assert hf_captions(model, processor, "look:") == expected
+    assert hf_captions(model, processor, None) == expected  # text=None: the model's own prompt, as caption()
 
 
 def test_save_pretrained_of_the_wrapper_writes_the_mmlm_folder(tmp_path):

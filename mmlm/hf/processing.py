@@ -61,9 +61,10 @@ class MmlmImageProcessor(ImageProcessingMixin):
 class MmlmProcessor(ProcessorMixin):
     """Image processor + tokenizer of an mmlm VLM folder (``AutoProcessor.from_pretrained(folder)``)."""
 
-    def __init__(self, image_processor, tokenizer, num_image_tokens: int = 0, chat_template: str | None = None):
+    def __init__(self, image_processor, tokenizer, num_image_tokens: int = 0, chat_template: str | None = None,
+                 default_prompt: str = ""):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
-        self.num_image_tokens = num_image_tokens
+        self.num_image_tokens, self.default_prompt = num_image_tokens, default_prompt
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.start_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
@@ -81,7 +82,8 @@ class MmlmProcessor(ProcessorMixin):
         if data_config is None or num_image_tokens is None:  # a folder saved before these keys existed
             data_config, num_image_tokens = probe_image_side(folder, meta["config"])
         return cls(MmlmImageProcessor(vision, data_config), tokenizer, num_image_tokens,
-                   chat_template=getattr(tokenizer, "chat_template", None))
+                   chat_template=getattr(tokenizer, "chat_template", None),
+                   default_prompt=meta["config"].get("prompt", ""))
 
     def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
         check_prompt(prompt, "text")
@@ -96,14 +98,15 @@ class MmlmProcessor(ProcessorMixin):
 
     def __call__(self, images=None, text: str | Sequence[str] | None = None, return_tensors: str | None = "pt",
                  **kwargs) -> BatchFeature:
-        """One prompt for all images or one per image; ``text=None`` is the model's default (empty) prompt."""
+        """One prompt for all images or one per image; ``text=None`` is the model's default prompt (``model.prompt``),
+        as in ``vlm.caption(images)``."""
         n_images = 0 if images is None else (len(images) if isinstance(images, (list, tuple)) else 1)
         texts = [text] if isinstance(text, str) or text is None else list(text)
         if n_images and len(texts) == 1:
             texts = texts * n_images
         if n_images and len(texts) != n_images:
             raise ValueError(f"text: {len(texts)} prompts for {n_images} images; give one or one per image")
-        rows = [self.prompt_ids(t or "", with_image=n_images > 0) for t in texts]
+        rows = [self.prompt_ids(self.default_prompt if t is None else t, with_image=n_images > 0) for t in texts]
         input_ids, attention_mask = tokens_to_tensor(rows, self.tokenizer.pad_token_id, left=True)
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
         if n_images:

@@ -102,8 +102,10 @@ def test_default_template_for_trained_tokenizers_and_the_none_layout():
     plain = chat.conversation_segments(tokenizer, MESSAGES[:2], "none")
     assert [(s.text, s.train) for s in plain] == [("<image>\nwhat colour is the circle?", False),
                                                  (" red<|endoftext|>", True)]
-    custom = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
-    assert chat.conversation_segments(tokenizer, MESSAGES[:2], custom)[-1].text == "red<|endoftext|>"
+    custom = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
+              "{% if add_generation_prompt %}[assistant]{% endif %}")
+    assert chat.conversation_segments(tokenizer, MESSAGES[:2], custom)[-1].text == " red<|endoftext|>"
+    assert chat.prompt_segments(tokenizer, MESSAGES[:1], custom)[0].text.endswith("<|endoftext|>[assistant]")
     with pytest.raises(ValueError, match="model.chat_template"):
         chat.resolve_template(tokenizer, "chatml")
 

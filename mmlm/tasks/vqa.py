@@ -109,11 +109,14 @@ class VQATask(VisionLanguageTask):
     def collate(self, samples: list) -> dict:
         return collate_vqa(samples)
 
-    def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        from mmlm.models.chat import prepare_conversations
+    def model_inputs(self, model: nn.Module, batch: dict) -> dict:
+        """The chat-rendered training tensors of ``batch`` (labels on the assistant turns; built once, kept in the
+        batch); ``num_items`` and ``training_loss`` of the base class use them."""
+        if "model_inputs" not in batch:
+            from mmlm.models.chat import prepare_conversations
 
-        inputs = prepare_conversations(unwrap(model), batch["pixel_values"], batch["messages"])
-        return model(**inputs).loss
+            batch["model_inputs"] = prepare_conversations(unwrap(model), batch["pixel_values"], batch["messages"])
+        return batch["model_inputs"]
 
     def evaluate(self, model, dataset, out_dir: Path, split: str) -> dict[str, float]:
         from mmlm.models import chat

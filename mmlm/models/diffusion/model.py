@@ -390,11 +390,13 @@ class TextToImage(nn.Module):
         scheduler: str | None = None,
         batch_size: int = 16,
         num_images_per_prompt: int = 1,
-    ) -> list[Image.Image]:
+        output_type: str = "pil",
+    ) -> list[Image.Image] | torch.Tensor:
         """Images for ``prompts`` (``num_images_per_prompt`` each, prompt-major order).
 
         Defaults come from the config (``dpm++``, 20 steps, guidance 2). Image ``i`` draws its noise from
-        its own generator seeded ``seed + i``, so results do not depend on ``batch_size``.
+        its own generator seeded ``seed + i``, so results do not depend on ``batch_size``. ``output_type="pt"``:
+        a tensor [N, 3, H, W] in [0, 1] (what a diffusers pipeline returns with that option).
         """
         return sampling.generate(self, prompts, num_inference_steps, guidance_scale, seed, negative_prompt,
-                                 scheduler, batch_size, num_images_per_prompt)
+                                 scheduler, batch_size, num_images_per_prompt, output_type)

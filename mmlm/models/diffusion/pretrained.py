@@ -120,7 +120,7 @@ def _load_denoiser(config: TextToImageConfig, index: dict) -> nn.Module:
 
 def _load_text_encoder(config: TextToImageConfig, index: dict) -> TextEncoder:
     own = config.text_encoder
-    if own.kind == "pretrained":  # the config's own text encoder overrides the pipeline's
+    if own.kind == "pretrained" and own.name_or_path != config.pipeline:  # the config's own overrides the pipeline's
         encoder = TextEncoder.from_config(own)
     else:
         for part in ("text_encoder", "tokenizer"):
@@ -177,8 +177,17 @@ def add_lora(model: nn.Module, lora: LoraConfig, target_modules) -> None:
     from peft import LoraConfig as PeftLoraConfig
 
     model.requires_grad_(False)
-    model.add_adapter(PeftLoraConfig(r=lora.rank, lora_alpha=lora.scale_alpha, lora_dropout=lora.dropout,
-                                     init_lora_weights="gaussian", target_modules=list(target_modules)))
+    config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.scale_alpha, lora_dropout=lora.dropout,
+                            init_lora_weights="gaussian", target_modules=list(target_modules))
+    if isinstance(model, transformers.PreTrainedModel):
+        # What transformers' add_adapter does, without its peft version gate (it asks for a newer peft than
+        # diffusers and our pin need): inject the adapter and record its config where peft looks for it.
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, model, "default")
+        model.peft_config = {"default": config}
+    else:
+        model.add_adapter(config)
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -277,12 +286,11 @@ def save_lora(model, path: Path) -> None:
 
 def load_lora(model, path: Path) -> None:
     """Put the adapters of ``path``'s LoRA file back on ``model`` (built with the same ``config.lora``)."""
-    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
-    state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path), weight_name=LORA_WEIGHTS,
-                                                              return_lora_metadata=True)
+    state = load_file(str(path / LORA_WEIGHTS))
     for prefix, module in (("unet.", model.denoiser), ("text_encoder.", model.text_encoder.model)):
         part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not part:

@@ -86,8 +86,13 @@ def generate(
     scheduler: str | None = None,
     batch_size: int = 16,
     num_images_per_prompt: int = 1,
-) -> list[Image.Image]:
-    """Images for ``prompts`` (``num_images_per_prompt`` each, prompt-major order); see ``TextToImage.generate``."""
+    output_type: str = "pil",
+) -> list[Image.Image] | torch.Tensor:
+    """Images for ``prompts`` (``num_images_per_prompt`` each, prompt-major order); see ``TextToImage.generate``.
+
+    ``output_type="pt"``: one tensor [N, 3, H, W] in [0, 1], as diffusers' pipelines give with that option."""
+    if output_type not in ("pil", "pt"):
+        raise ValueError(f"output_type: expected 'pil' or 'pt', got {output_type!r}")
     prompts = check_prompts(prompts, "prompts")
     steps = model.config.num_inference_steps if num_inference_steps is None else num_inference_steps
     scale = model.config.guidance_scale if guidance_scale is None else guidance_scale
@@ -123,12 +128,13 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         stop = min(start + batch_size, len(prompts))
         generators = [torch.Generator().manual_seed(base_seed + i) for i in range(start, stop)]
-        images += _sample(model, prompts[start:stop], negatives[start:stop], sampler, steps, scale, generators)
+        images.append(_sample(model, prompts[start:stop], negatives[start:stop], sampler, steps, scale, generators))
     model.train(was_training)
-    return images
+    pixels = torch.cat(images)
+    return (pixels / 2 + 0.5).clamp(0, 1) if output_type == "pt" else to_pil(pixels)
 
 
-def _sample(model: TextToImage, prompts, negatives, sampler, steps, scale, generators) -> list[Image.Image]:
+def _sample(model: TextToImage, prompts, negatives, sampler, steps, scale, generators) -> torch.Tensor:
     text, text_mask = model.text_encoder(prompts)
     uncond = uncond_mask = None
     if scale != 1.0:  # at scale 1 the unconditional half cancels out: skip it
@@ -143,4 +149,4 @@ def _sample(model: TextToImage, prompts, negatives, sampler, steps, scale, gener
         model_input = sampler.scale_model_input(sample, t)
         output = model.guided_prediction(model_input, t, text, text_mask, uncond, uncond_mask, scale)
         sample = sampler.step(output, t, sample, generator=generators).prev_sample
-    return to_pil(model.decode(sample))
+    return model.decode(sample).float().cpu()

@@ -211,3 +211,20 @@ def test_cli_ask_writes_one_json_line_per_image_and_question(trained, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["image"], r["question"], r["answer"]) for r in rows] == [
         (str(files[0]), QUESTION, "red"), (str(files[1]), QUESTION, "blue")]
+
+
+def test_the_none_layout_is_the_captioning_layout():
+    """chat_template: none renders a one-turn conversation exactly as captioning's prompt + caption."""
+    from mmlm.models import LanguageConfig, ProjectorConfig, VisionConfig, VisionLanguageModel, VLMConfig
+
+    model = VisionLanguageModel.from_config(VLMConfig(
+        vision=VisionConfig(name="resnet10t", features_only_stage=1, image_size=32),
+        projector=ProjectorConfig(type="mlp"), chat_template="none",
+        language=LanguageConfig(config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2},
+                                vocab_size=300)), corpus=["describe: a red circle", "a blue square"])
+    messages = [{"role": "user", "content": "<image>\ndescribe:"}, {"role": "assistant", "content": "a red circle"}]
+    ours = chat.encode_conversation(model, messages, 1)
+    theirs = model.encode_sample("<image>\ndescribe:", "a red circle")
+    assert (ours.input_ids, ours.labels) == (theirs.input_ids, theirs.labels)
+    assert chat.encode_prompt(model, messages[:1], 1) == model.prompt_ids("<image>\ndescribe:")

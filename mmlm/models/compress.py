@@ -29,6 +29,18 @@ SCHEMES = ("int8",)
 PARTS = ("language", "projector", "vision")
 
 
+with warnings.catch_warnings():  # torch.ao's eager API warns of its move to torchao; its CPU kernels are current
+    warnings.simplefilter("ignore")
+    import torch.ao.nn.quantized as _nnq
+
+
+class Int8Embedding(_nnq.Embedding):
+    """torch.ao's int8 (per-row) embedding, taking non-contiguous ids too (its kernel needs contiguous ones)."""
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return super().forward(indices.contiguous())
+
+
 class CompressionError(ValueError):
     """A scheme, part or folder the compressor cannot handle."""
 
@@ -73,26 +85,45 @@ def _untie_head(lm: nn.Module) -> None:
         text_config.tie_word_embeddings = False
 
 
-def quantize(model: nn.Module, config: CompressionConfig | None = None) -> nn.Module:
-    """Swap the model's modules for int8 ones in place (inference only); returns ``model``."""
+def quantize_linear_layers(module: nn.Module) -> nn.Module:
+    """Every ``nn.Linear`` inside ``module`` -> a dynamically quantised int8 Linear (per-channel weights), in place."""
+    *_, quantize_dynamic, linear_qconfig, _ = _quantization()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(module, {nn.Linear: linear_qconfig}, dtype=torch.qint8, inplace=True)
+    return module
+
+
+def quantize_language_model(lm: nn.Module, embeddings: bool = True) -> nn.Module:
+    """A transformers causal LM with int8 Linear layers and (``embeddings``) an int8 token embedding
+    and untied int8 head, in place."""
     from mmlm.models.language import base_causal_lm
 
-    config = config or CompressionConfig()
-    nnq, nnqd, quantize_dynamic, linear_qconfig, embedding_qconfig = _quantization()
-    model.eval().requires_grad_(False)
-    lm = base_causal_lm(model.language_model)
-    if config.embeddings and "language" in config.parts:
-        _untie_head(lm)
-        embedding = lm.get_input_embeddings()
+    nnq, *_, embedding_qconfig = _quantization()
+    lm.eval().requires_grad_(False)
+    base = base_causal_lm(lm)
+    if embeddings:
+        _untie_head(base)
+        embedding = base.get_input_embeddings()
         embedding.qconfig = embedding_qconfig
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            lm.set_input_embeddings(nnq.Embedding.from_float(embedding))
-    targets = {"language": model.language_model, "projector": model.projector, "vision": model.vision}
-    for part in config.parts:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(targets[part], {nn.Linear: linear_qconfig}, dtype=torch.qint8, inplace=True)
+            weight = nnq.Embedding.from_float(embedding).weight()
+            int8 = Int8Embedding(embedding.num_embeddings, embedding.embedding_dim)
+            int8.set_weight(weight)
+        base.set_input_embeddings(int8)
+    return quantize_linear_layers(lm)
+
+
+def quantize(model: nn.Module, config: CompressionConfig | None = None) -> nn.Module:
+    """Swap a VisionLanguageModel's modules for int8 ones in place (inference only); returns ``model``."""
+    config = config or CompressionConfig()
+    model.eval().requires_grad_(False)
+    if "language" in config.parts:
+        quantize_language_model(model.language_model, config.embeddings)
+    for part in ("projector", "vision"):
+        if part in config.parts:
+            quantize_linear_layers(getattr(model, part))
     model.compression = config
     return model
 

@@ -108,7 +108,7 @@ def label_log_likelihoods(model: VisionLanguageModel, pixel_values: torch.Tensor
         return score_naive(model, pixel_values, prefix_text, answer_texts, eos, reduce)
     if max_tokens is None:
         head = model.language_model.get_output_embeddings()
-        vocab = head.weight.shape[0] if head is not None else len(model.tokenizer)
+        vocab = getattr(head, "out_features", None) or len(model.tokenizer)  # an int8 head has no .weight tensor
         max_tokens = min(8192, 2**26 // vocab)
     scores = torch.empty(pixel_values.shape[0], len(labels), device=model.device)
     lengths = torch.empty(len(labels), device=model.device)

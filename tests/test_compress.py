@@ -1,0 +1,115 @@
+"""int8 compression (mmlm.models.compress) and `mmlm compress`: what is quantised, the saved folder, loading."""
+
+import json
+
+import pytest
+import torch
+
+import mmlm
+from mmlm.cli import main
+from mmlm.data.shapes import generate_shapes
+from mmlm.models.compress import (
+    COMPRESSION_NAME, CompressionConfig, CompressionError, load_compressed, load_quantized_state, quantize,
+    quantized_state, save_compressed,
+)
+from tests.test_explain import CNN, ONE_SHAPE, VIT, tiny_vlm
+
+
+def _kinds(model):
+    """Names of the int8 module types in ``model`` (torch.ao's quantised classes are also called Linear/Embedding)."""
+    import torch.ao.nn.quantized as nnq
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    found = set()
+    for m in model.modules():
+        if isinstance(m, nnqd.Linear):
+            found.add("DynamicQuantizedLinear")
+        elif isinstance(m, nnq.Embedding):
+            found.add("QuantizedEmbedding")
+    return found
+
+
+def test_quantize_swaps_linear_layers_and_embedding_and_keeps_outputs_close():
+    model = tiny_vlm(CNN, "mlp")
+    pixels = model.pixel_values([r.image for r in generate_shapes(2, config=ONE_SHAPE)])
+    batch = model.prepare_batch(pixels, ["a small red circle on the left", "a large blue star at the top"])
+    with torch.no_grad():
+        reference = model(**batch).logits
+    quantize(model)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())  # every Linear is int8 now
+    assert {"DynamicQuantizedLinear", "QuantizedEmbedding"} <= _kinds(model)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_save_and_mmlm_load_give_the_same_int8_model(tmp_path):
+    model = tiny_vlm(VIT, "mlp")
+    images = [r.image for r in generate_shapes(3, config=ONE_SHAPE)]
+    save_compressed(model, tmp_path / "int8", CompressionConfig(parts=("language", "projector", "vision")))
+    meta = json.loads((tmp_path / "int8" / COMPRESSION_NAME).read_text())
+    assert meta["scheme"] == "int8" and meta["parts"] == ["language", "projector", "vision"]
+    loaded = mmlm.load(tmp_path / "int8")  # the public loader dispatches on compression.json
+    assert "DynamicQuantizedLinear" in _kinds(loaded.vision)  # the ViT's blocks
+    assert loaded.caption(images, max_new_tokens=6) == model.caption(images, max_new_tokens=6)
+    pixels = loaded.pixel_values(images)
+    assert torch.equal(loaded.label_log_likelihoods(pixels, ["red circle", "blue star"], "a {}"),
+                       model.label_log_likelihoods(pixels, ["red circle", "blue star"], "a {}"))
+
+
+def test_a_compressed_folder_is_smaller_and_holds_only_plain_tensors(tmp_path):
+    model = tiny_vlm(CNN, "linear")
+    model.save_pretrained(tmp_path / "fp32")
+    save_compressed(tiny_vlm(CNN, "linear"), tmp_path / "int8", CompressionConfig(parts=("language",)))
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "int8" / "model.safetensors"))
+    assert state["language_model.model.embed_tokens.qweight"].dtype == torch.uint8
+    assert state["language_model.lm_head.qweight"].dtype == torch.int8  # untied, int8 too
+    assert state["projector.weight"].dtype == torch.float32  # projector left out by --parts
+    lm_fp32 = sum(v.numel() * 4 for k, v in load_file(str(tmp_path / "fp32" / "model.safetensors")).items()
+                  if k.startswith("language_model."))
+    lm_int8 = sum(v.numel() * v.element_size() for k, v in state.items() if k.startswith("language_model."))
+    assert lm_int8 < 0.4 * lm_fp32
+
+
+def test_loading_names_a_missing_or_unexpected_tensor(tmp_path):
+    model = quantize(tiny_vlm(CNN, "mlp"))
+    state = quantized_state(model)
+    broken = dict(state)
+    del broken["projector.net.0.qscale"]
+    with pytest.raises(CompressionError, match="projector.net.0.qscale"):
+        load_quantized_state(quantize(tiny_vlm(CNN, "mlp")), broken, "model.safetensors")
+    extra = {**state, "stray.weight": torch.zeros(1)}
+    with pytest.raises(CompressionError, match="stray.weight"):
+        load_quantized_state(quantize(tiny_vlm(CNN, "mlp")), extra, "model.safetensors")
+    with pytest.raises(CompressionError, match="already quantised"):
+        save_compressed(model, tmp_path / "again")
+
+
+def test_compression_config_errors():
+    with pytest.raises(CompressionError, match="int4.*torchao"):
+        CompressionConfig(scheme="int4")
+    with pytest.raises(CompressionError, match="int8"):
+        CompressionConfig(scheme="fp8")
+    with pytest.raises(CompressionError, match="decoder"):
+        CompressionConfig(parts=("decoder",))
+
+
+def test_cli_compress_flags(tmp_path, capsys):
+    tiny_vlm(CNN, "pixel_shuffle").save_pretrained(tmp_path / "model")
+    assert main(["compress", str(tmp_path / "model"), str(tmp_path / "int8"), "--int8",
+                 "--parts", "language,projector"]) == 0
+    assert "int8 (language, projector)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "int8" / COMPRESSION_NAME).read_text())["parts"] == ["language", "projector"]
+    assert mmlm.load(tmp_path / "int8").compression.parts == ("language", "projector")
+    assert main(["compress", str(tmp_path / "model"), str(tmp_path / "int4"), "--int4"]) == 2
+    assert "torchao" in capsys.readouterr().err and not (tmp_path / "int4").exists()
+    assert main(["compress", str(tmp_path / "model"), str(tmp_path / "x"), "--int8", "--parts", "decoder"]) == 2
+
+
+def test_load_compressed_reports_a_bad_record(tmp_path):
+    save_compressed(tiny_vlm(CNN, "mlp"), tmp_path / "int8")
+    (tmp_path / "int8" / COMPRESSION_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match=COMPRESSION_NAME):
+        load_compressed(tmp_path / "int8")

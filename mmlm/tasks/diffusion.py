@@ -60,13 +60,13 @@ class DiffusionTask(ImageTextTask):
         records = [dataset.records[i] for i in range(n)]
         return [r.captions[0] for r in records], [r.attributes for r in records]
 
-    def judge(self, out_dir: Path) -> tuple[ShapesJudge, dict]:
+    def judge(self, out_dir: Path, image_size: int) -> tuple[ShapesJudge, dict]:
         """The independent shapes judge, trained once per run folder and cached next to the evaluations."""
         path = out_dir.parent / "shapes_judge.safetensors"
         if path.is_file():
             return ShapesJudge.load(path), {}
         judge, report = train_shapes_judge(steps=self.config.eval.judge_steps,
-                                           image_size=self.config.model.image_size, seed=self.config.train.seed)
+                                           image_size=image_size, seed=self.config.train.seed)
         judge.save(path)
         return judge, report
 
@@ -86,7 +86,7 @@ class DiffusionTask(ImageTextTask):
         n_show = min(len(main), cfg.eval.num_examples)
         image_grid(main[:n_show], captions=prompts[:n_show], path=out_dir / f"{split}_generated.png")
         if cfg.data.source == "shapes" and all(targets):
-            judge, judge_report = self.judge(out_dir)
+            judge, judge_report = self.judge(out_dir, model.config.image_size)  # a pipeline's: known once built
             for judged_split in ("test", "compositional"):  # the judge's own accuracy on real images
                 if judged_split in judge_report:
                     metrics[f"judge_accuracy/{judged_split}"] = judge_report[judged_split]["fidelity"]

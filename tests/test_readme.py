@@ -21,6 +21,7 @@ import re
 import shlex
 import os
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,8 +257,15 @@ def _check_train(ran: Ran, args: list[str], work: Workspace):
     assert (out / "model" / "config.json").is_file() and (out / "config.yaml").is_file()
 
 
+def _check_export(ran: Ran, args: list[str], work: Workspace):
+    out = work.folder / args[2]
+    assert ran.stdout.split() == [args[2]] or ran.stdout.strip() == str(out), ran.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"] and (out / "processor_config.json").is_file()
+
+
 CHECKS = {"caption": _check_caption, "classify": _check_classify, "generate": _check_generate,
-          "train": _check_train}
+          "train": _check_train, "export": _check_export}
 
 
 def check_output(ran: Ran, work: Workspace):
@@ -296,9 +304,20 @@ def _local_qwen(folder: Path) -> Path:
     return folder
 
 
+def _local_sd(folder: Path) -> Path:
+    """A tiny Stable-Diffusion-style pipeline built offline (tests/diffusers_fixtures.py): the Hub id's stand-in."""
+    if not (folder / "model_index.json").is_file():
+        sys.path.insert(0, str(Path(__file__).parent))
+        from diffusers_fixtures import tiny_sd_pipeline
+
+        tiny_sd_pipeline(folder)
+    return folder
+
+
 def offline(code: str, work: Workspace) -> str:
     """The `needs: internet` lines with Hub downloads replaced by local stand-ins; each line must change."""
     replacements = {"pretrained=True": lambda: "pretrained=False",
+                    "stable-diffusion-v1-5/stable-diffusion-v1-5": lambda: str(_local_sd(work.folder / "local_sd")),
                     '"Qwen/Qwen2.5-0.5B"': lambda: repr(str(_local_qwen(work.folder / "local_qwen")))}
     lines = []
     for line in code.splitlines():
@@ -357,7 +376,26 @@ def _check_parts_block(ns: dict, work: Workspace):
     assert type(ns["model"].language_model).__name__ == "Qwen2ForCausalLM"
 
 
-PYTHON_CHECKS = {"mmlm.load(": _check_api_block, "VisionLanguageModel.from_config": _check_parts_block}
+def _check_auto_block(ns: dict, work: Workspace):
+    assert type(ns["model"]).__name__ == "MmlmVLMForConditionalGeneration"
+    assert len(ns["captions"]) == 1 and ns["captions"][0].strip()  # and equal to caption(): the block asserts it
+
+
+def _check_llava_block(ns: dict, work: Workspace):
+    assert type(ns["model"]).__name__ == "LlavaForConditionalGeneration"
+    trained = api.load(work.folder / "runs" / "llava")  # the run the README's export line exported
+    assert ns["caption"] == trained.caption([ns["image"]])[0].strip()
+
+
+def _check_pipeline_block(ns: dict, work: Workspace):
+    assert ns["_train_calls"] and ns["result"]["step"] == 2
+    folder = work.folder / "runs" / "finetune_sd_lora" / "model"
+    assert (folder / "model_index.json").is_file() and (folder / "pytorch_lora_weights.safetensors").is_file()
+    assert isinstance(ns["image"], Image.Image) and ns["image"].size == (16, 16)  # the tiny pipeline's resolution
+
+
+PYTHON_CHECKS = {"StableDiffusionPipeline": _check_pipeline_block, "mmlm.load(": _check_api_block, "VisionLanguageModel.from_config": _check_parts_block,
+                 "AutoModelForImageTextToText": _check_auto_block, "LlavaForConditionalGeneration": _check_llava_block}
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ TINY_VLM = {"vision": {"name": "vit_tiny_patch16_224", "image_size": 32,
             "projector": {"type": "linear"}, "language": {"config": TINY_LLAMA, "vocab_size": 300}}
 TINY_T2I = {
     "image_size": 16, "space": "pixel",
-    "denoiser": {"block_out_channels": [8, 16], "attention": [False, False], "norm_num_groups": 4,
+    "denoiser": {"block_out_channels": [8, 16], "attention": [False, True], "norm_num_groups": 4,
                  "hidden_size": 16, "num_layers": 1},
     "text_encoder": {"hidden_size": 16, "num_layers": 1, "num_heads": 1, "max_length": 8, "vocab_size": 300},
 }

@@ -361,3 +361,25 @@ def test_ema_follows_the_weights_and_swaps_back():
         EMA(model, decay=1.0)
 
 
+
+
+def test_module_lr_zero_freezes_through_the_task(tmp_path):
+    """The trainer freezes a part with module_lr 0 by the task's freeze_part (train never imports models);
+    the image-text tasks keep it in eval mode for good (models.freezing.freeze)."""
+    frozen = []
+
+    class FreezingTask(ToyTask):
+        def freeze_part(self, model, name, part):
+            frozen.append(name)
+            super().freeze_part(model, name, part)
+
+    config = make_config(tmp_path, module_lr={"body": 0.0}, max_steps=1)
+    trainer = Trainer(config, FreezingTask(config))
+    assert frozen == ["body"] and not any(p.requires_grad for p in trainer.unwrapped.body.parameters())
+
+    from mmlm.tasks.captioning import CaptioningTask
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    CaptioningTask(config).freeze_part(model, "tower", model[1])
+    model.train()
+    assert model.training and not model[1].training and model[0].weight.requires_grad

@@ -54,6 +54,13 @@ class BlobTask(Task):
     def build_model(self):
         return nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 2))
 
+    def prepare_once(self, model):
+        """A one-off preparation (as the VAE pre-stage): only the main process runs it, the others get its result."""
+        with torch.no_grad():
+            model[0].bias.fill_(0.5)
+        with open(Path(self.config.output_dir).parent / f"{Path(self.config.output_dir).name}-prepared.txt", "a") as f:
+            f.write(os.environ.get("RANK", "0") + "\n")
+
     def build_datasets(self, model):
         return {"train": SkippingBlobs(64, 1), "val": Blobs(16, 2)}
 
@@ -114,6 +121,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     checkpoint = tmp_path / "two" / "checkpoints" / "step_000006"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     assert (tmp_path / "two" / "best" / "model.safetensors").is_file()
+    assert (tmp_path / "two-prepared.txt").read_text() == "0\n"  # once, on the main process only
     reported = (tmp_path / "two" / "skipped.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["source"] for line in reported) == ["rank0.png", "rank1.png", "shared.png"]
 

@@ -27,10 +27,12 @@ class DiffusionTask(ImageTextTask):
     def build_model(self) -> nn.Module:
         from mmlm.models.diffusion import TextToImage
 
-        model = TextToImage.from_config(self.config.model, corpus=caption_corpus(self.splits()["train"]))
+        return TextToImage.from_config(self.config.model, corpus=caption_corpus(self.splits()["train"]))
+
+    def prepare_once(self, model) -> None:
+        """The VAE pre-stage when it is due (the trainer runs it once, on the main process and its device)."""
         if model.needs_autoencoder_fit:
             self.fit_autoencoder(model)
-        return model
 
     def fit_autoencoder(self, model) -> dict:
         """The latent-space pre-stage: train the VAE on training images, set its latent scale."""

@@ -120,6 +120,15 @@ def build_accelerator(train: TrainConfig, output_dir: Path) -> Accelerator:
     return accelerator
 
 
+def broadcast_module(accelerator: Accelerator, module: nn.Module) -> None:
+    """Copy the main process's parameters and buffers into every other process's ``module`` (a collective)."""
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict(keep_vars=False).values():
+            torch.distributed.broadcast(tensor, src=0)
+
+
 def reduce_sum(accelerator: Accelerator, value: float) -> float:
     """``value`` summed over processes (a collective: every process must call it)."""
     if accelerator.num_processes == 1:

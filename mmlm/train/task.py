@@ -36,6 +36,11 @@ class Task(abc.ABC):
     def build_model(self) -> nn.Module:
         """Build the model. Called once per process, before :meth:`build_datasets`."""
 
+    def prepare_once(self, model: nn.Module) -> None:
+        """One-off preparation of the built model (e.g. a VAE pre-stage). The trainer runs it on the main
+        process only, with the model on the accelerator's device, then copies the model's parameters and
+        buffers to the other processes, which wait meanwhile. Default: nothing to prepare."""
+
     @abc.abstractmethod
     def build_datasets(self, model: nn.Module) -> dict[str, Dataset]:
         """Return the splits: ``"train"`` is required, ``"val"`` and ``"test"`` are optional.

@@ -48,6 +48,7 @@ from mmlm.train import checkpoint as ckpt
 from mmlm.train import evaluation
 from mmlm.train.distributed import (
     all_have,
+    broadcast_module,
     build_accelerator,
     clip_gradients,
     mean_loss_and_elapsed,
@@ -55,6 +56,7 @@ from mmlm.train.distributed import (
     reduce_sum,
     reset_accelerate_state,
     resolve_mixed_precision,
+    run_on_main,
     set_fsdp_wrap_classes,
 )
 from mmlm.train.ema import EMA
@@ -109,6 +111,10 @@ class Trainer:
         model = task.build_model()
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(task).__name__}.build_model must return an nn.Module, got {type(model).__name__}")
+        if type(task).prepare_once is not Task.prepare_once:  # e.g. the VAE pre-stage: once, on the device
+            model.to(self.accelerator.device)
+            run_on_main(self.accelerator, f"{type(task).__name__}.prepare_once", lambda: task.prepare_once(model), 0)
+            broadcast_module(self.accelerator, model)
         self.datasets = dict(task.build_datasets(model))
         if "train" not in self.datasets:
             raise ValueError(f"{type(task).__name__}.build_datasets returned {sorted(self.datasets)}; "
@@ -372,8 +378,9 @@ class Trainer:
         counts = [self.task.num_items(self.unwrapped, batch) for batch in window]
         num_items = None
         if all(c is not None for c in counts):
-            # the DDP gradient mean divides by the processes: count per process and micro-batch
-            num_items = reduce_sum(acc, sum(counts)) / (acc.num_processes * n)
+            # gradients add up over the micro-batches and DDP averages them over the processes: so each summed
+            # loss is divided by the step's count over all processes / processes (transformers' num_items_in_batch)
+            num_items = reduce_sum(acc, sum(counts)) / acc.num_processes
             if num_items == 0:
                 raise TrainingError(f"step {self.step + 1}: {type(self.task).__name__}.num_items is 0 for every "
                                     "micro-batch; the loss would cover nothing")
@@ -391,7 +398,9 @@ class Trainer:
                         f"{getattr(loss, 'shape', type(loss).__name__)}"
                     )
                 acc.backward(loss if num_items is not None else loss / n)
-            self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
+            # logged: the mean over the micro-batches of a per-micro-batch loss (token path: its share times n)
+            logged = loss.detach() if num_items is None else loss.detach() * n
+            self._loss_sum = logged if self._loss_sum is None else self._loss_sum + logged
             self._micro_batches += 1
             self.batch_in_epoch += 1
         self._last_loss, self.elapsed_s = mean_loss_and_elapsed(acc, self._loss_sum, self._micro_batches,

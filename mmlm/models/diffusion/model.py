@@ -177,6 +177,7 @@ class TextToImage(nn.Module):
             "config": to_dict(self.config),
         }
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        pretrained.write_custom_pipeline(self, path)  # DiffusionPipeline.from_pretrained reads the folder too
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> TextToImage:

@@ -308,3 +308,36 @@ def load_lora(model, path: Path) -> None:
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"{path / LORA_WEIGHTS}: weights the adapter does not have: {unexpected[:5]}")
+
+
+# ------------------------------------------------------------------------------------------ from-scratch models
+CUSTOM_PIPELINE = "mmlm_pipeline"  # the file name (without .py) model_index.json names
+
+
+def write_custom_pipeline(model, path: Path) -> None:
+    """Make a from-scratch model's folder (denoiser/, text_encoder/, tokenizer/, scheduler/, vae/) a diffusers
+    pipeline too: ``model_index.json`` naming ``mmlm_pipeline.py`` (a copy of pipeline.py, which imports no mmlm).
+
+    Not for text encoders taken from a causal LM (their hidden-layer choice is mmlm's): those load with mmlm only.
+    """
+    import shutil
+
+    from mmlm.models.diffusion import pipeline as pipeline_module
+
+    if model.text_encoder.config.kind == "lm":
+        return
+    shutil.copyfile(pipeline_module.__file__, path / f"{CUSTOM_PIPELINE}.py")
+    config, text_model, tokenizer = model.config, model.text_encoder.model, model.text_encoder.tokenizer
+    index = {
+        "_class_name": [CUSTOM_PIPELINE, "MmlmTextToImagePipeline"],
+        "_diffusers_version": diffusers.__version__,
+        "denoiser": ["diffusers", type(model.denoiser).__name__],
+        "text_encoder": [_library_of(text_model), type(text_model).__name__],
+        "tokenizer": [_library_of(tokenizer), type(tokenizer).__name__],
+        "scheduler": ["diffusers", type(model.noise_scheduler).__name__],
+        "vae": ["diffusers", type(model.vae).__name__] if model.vae is not None else [None, None],
+        "space": config.space, "patch_size": config.patch_size, "latent_scale": float(model.latent_scale),
+        "max_length": model.text_encoder.config.max_length, "sampler": config.scheduler,
+        "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")

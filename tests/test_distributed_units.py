@@ -93,3 +93,15 @@ def test_bf16_trains_and_resumes_bitwise(tmp_path, task):
     a = {k.split("/", 1)[1]: v for k, v in saved_weights(tmp_path / "full").items()}
     b = {k.split("/", 1)[1]: v for k, v in saved_weights(tmp_path / "halves").items()}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_format_auto_detects_each_source_on_its_own(tmp_path):
+    from mmlm.config import DataConfig
+    from mmlm.data import ImageTextDataset, build_datasets
+
+    paths = write_data(tmp_path, n_train=4, n_val=2)
+    splits = build_datasets(DataConfig(source=paths["train_shards"], val_source=paths["val_jsonl"],
+                                       test_source=paths["train_jsonl"]), None, None, seed=1)
+    assert isinstance(splits["train"], StreamingImageTextDataset) and splits["train"].shuffle
+    assert isinstance(splits["val"], ImageTextDataset) and len(splits["val"]) == 2  # JSONL beside tar shards
+    assert isinstance(splits["test"], ImageTextDataset) and splits["train"].seed == splits["val"].seed == 1

@@ -27,8 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 SMOLLM2_135M = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
-                "rope_theta": 100000.0, "tie_word_embeddings": True, "rms_norm_eps": 1e-5}
+                "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                "max_position_embeddings": 8192, "rope_theta": 100000.0, "tie_word_embeddings": True,
+                "rms_norm_eps": 1e-5}
 
 
 def build_lm(layers: int, int8: bool, state_file: str | None = None):
@@ -69,7 +70,10 @@ def _peak_rss_child(kind: str, args: tuple, queue) -> None:
         from mmlm.data.shapes import generate_shapes
 
         mmlm.load(args[0]).caption([r.image for r in generate_shapes(16, split="test")], max_new_tokens=24)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM: this process's own high-water mark (ru_maxrss would carry the forking parent's over the exec).
+    status = Path("/proc/self/status").read_text() if Path("/proc/self/status").is_file() else ""
+    peaks = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")]
+    queue.put(peaks[0] / 1024 if peaks else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def peak_rss_mb(kind: str, *args) -> float:
@@ -175,9 +179,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         realistic(2 if args.quick else 30, 4 if args.quick else 32, tmp)
-        for kind, folder, run in (("captioner", args.captioner, lambda f: demo_captioner(f, 8 if args.quick else 500, tmp)),
-                                  ("generator", args.generator, lambda f: demo_generator(f, 2 if args.quick else 16,
-                                                                                         2 if args.quick else 20))):
+        stages = (("captioner", args.captioner, lambda f: demo_captioner(f, 8 if args.quick else 500, tmp)),
+                  ("generator", args.generator, lambda f: demo_generator(f, 2 if args.quick else 16,
+                                                                         2 if args.quick else 20)))
+        for kind, folder, run in stages:
             if Path(folder, "config.json").is_file() or Path(folder, "model", "config.json").is_file():
                 run(Path(folder))
             else:

@@ -74,7 +74,8 @@ def test_shape_box_is_tight_around_the_shape_and_inside_its_cell():
     shape = record.attributes["shapes"][0]
     x0, y0, x1, y1 = shape_box(record.image, shape)
     col, row = CELLS[shape["position"]]
-    assert col * 64 / 3 - 1 <= x0 < x1 <= (col + 1) * 64 / 3 + 1 and row * 64 / 3 - 1 <= y0 < y1 <= (row + 1) * 64 / 3 + 1
+    assert col * 64 / 3 - 1 <= x0 < x1 <= (col + 1) * 64 / 3 + 1
+    assert row * 64 / 3 - 1 <= y0 < y1 <= (row + 1) * 64 / 3 + 1
     pixels = torch.tensor(list(record.image.getdata()), dtype=torch.float32).reshape(64, 64, 3)
     centre = pixels[(y0 + y1) // 2, (x0 + x1) // 2]
     assert (centre - torch.tensor(COLOURS[shape["colour"]], dtype=torch.float32)).norm() < 60

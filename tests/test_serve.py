@@ -92,3 +92,23 @@ def test_the_page_renders_in_headless_chromium(app, tmp_path):
     page = Image.open(shot).convert("RGB")
     assert page.size == (1200, 900)
     assert len(set(page.resize((120, 90)).getdata())) > 20  # rendered content, not a blank page
+
+
+def test_cli_serve_passes_models_host_and_port(monkeypatch, tmp_path):
+    import mmlm.serve
+    from mmlm.cli import main
+
+    calls = []
+    monkeypatch.setattr(mmlm.serve, "serve", lambda models, **kwargs: calls.append((models, kwargs)))
+    assert main(["serve", str(tmp_path / "a"), str(tmp_path / "b"), "--host", "0.0.0.0", "--port", "7861"]) == 0
+    assert calls == [([str(tmp_path / "a"), str(tmp_path / "b")], {"host": "0.0.0.0", "port": 7861, "share": False})]
+
+
+@pytest.mark.parametrize("command", ["export", "serve"])
+def test_export_and_serve_have_help_with_an_example(command, capsys):
+    from mmlm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "examples:" in out and f"mmlm {command}" in out

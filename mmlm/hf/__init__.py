@@ -6,10 +6,12 @@ Importing this package registers the VLM with transformers' Auto classes, so a f
 >>> from transformers import AutoModelForImageTextToText, AutoProcessor
 >>> model = AutoModelForImageTextToText.from_pretrained("runs/cap/model")
 >>> processor = AutoProcessor.from_pretrained("runs/cap/model")
->>> out = model.generate(**processor(images=[image], text=""), max_new_tokens=20)
->>> processor.batch_decode(out[:, processor_inputs_length:], skip_special_tokens=True)
+>>> inputs = processor(images=[image])                  # text=None: the model's own prompt
+>>> out = model.generate(**inputs, max_new_tokens=20)
+>>> processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)   # = vlm.caption
 
-(``import mmlm`` registers them too once transformers is loaded; see ``mmlm.hf.register``.) Export to a class
+``import mmlm`` alone does not register them: it stays light (no torch / transformers import) for the CLI.
+Export to a class
 transformers ships, for use without mmlm: :func:`mmlm.hf.llava.export_llava`.
 """
 

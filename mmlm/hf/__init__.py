@@ -11,8 +11,7 @@ Importing this package registers the VLM with transformers' Auto classes, so a f
 >>> processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)   # = vlm.caption
 
 ``import mmlm`` alone does not register them: it stays light (no torch / transformers import) for the CLI.
-Export to a class
-transformers ships, for use without mmlm: :func:`mmlm.hf.llava.export_llava`.
+Export to a class transformers ships, for use without mmlm: :func:`mmlm.hf.llava.export_llava`.
 """
 
 from __future__ import annotations

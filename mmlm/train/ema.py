@@ -67,7 +67,8 @@ class EMA:
         missing = sorted(set(self.shadow) - set(tensors))
         extra = sorted(set(tensors) - set(self.shadow))
         if missing or extra:
-            raise ValueError(f"{path}: EMA weights do not match the model (missing {missing[:5]}, unexpected {extra[:5]})")
+            raise ValueError(f"{path}: EMA weights do not match the model "
+                             f"(missing {missing[:5]}, unexpected {extra[:5]})")
         for name, value in tensors.items():
             self.shadow[name].copy_(value)
         self.num_updates = int(num_updates)

@@ -46,6 +46,21 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
         np.random.set_state(np_state)
 
 
+@contextlib.contextmanager
+def evaluation_model(trainer: Trainer):
+    """The model to evaluate or save: the unwrapped one with the EMA weights applied; under FSDP a full
+    copy on the main process (None on the others), gathered from the shards. Every process enters."""
+    ema = trainer.ema.applied() if trainer.ema is not None else contextlib.nullcontext()
+    with ema:
+        if not trainer.fsdp:
+            yield trainer.unwrapped
+            return
+        state = trainer.accelerator.get_state_dict(trainer.model)  # a collective; the full dict on the main process
+        if trainer.is_main:
+            trainer._replica.load_state_dict(state)
+        yield trainer._replica
+
+
 def evaluate(trainer: Trainer, split: str) -> dict[str, float]:
     """Metrics of the current model on ``split``, keyed ``"<split>/<name>"``, the same on every process."""
     if split not in trainer.datasets:

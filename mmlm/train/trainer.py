@@ -29,7 +29,6 @@ resume), :mod:`~mmlm.train.evaluation` (main-process evaluation, best model),
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -37,23 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, send_to_device, set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from mmlm.config import ConfigError, RunConfig, save_yaml, to_dict, validate_train_config
-from mmlm.data.datasets import guard_workers
 from mmlm.train import checkpoint as ckpt
 from mmlm.train import evaluation
 from mmlm.train.distributed import (
-    all_have,
     broadcast_module,
     build_accelerator,
-    clip_gradients,
-    mean_loss_and_elapsed,
-    optimizer_step,
-    reduce_sum,
     reset_accelerate_state,
     resolve_mixed_precision,
     run_on_main,
@@ -64,24 +57,13 @@ from mmlm.train.errors import CheckpointWriteError, NonFiniteLossError, Training
 from mmlm.train.logging import MetricsLog, StepWindow
 from mmlm.train.optim import WarmupDecaySchedule, build_optimizer
 from mmlm.train.report import finish
+from mmlm.train.steps import enable_gradient_checkpointing, epoch_steps, train_step
 from mmlm.train.task import Task
 
 __all__ = [  # the names this module has always offered (several now live beside it)
     "CheckpointWriteError", "MetricsLog", "NonFiniteLossError", "Trainer", "TrainingError",
     "enable_gradient_checkpointing", "reset_accelerate_state", "resolve_mixed_precision", "validate_train_config",
 ]
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Switch on the model's own gradient checkpointing (our models, transformers, diffusers)."""
-    for method in ("enable_gradient_checkpointing", "gradient_checkpointing_enable"):
-        if callable(getattr(model, method, None)):
-            getattr(model, method)()
-            return
-    raise ConfigError(
-        f"train.gradient_checkpointing: {type(model).__name__} has neither enable_gradient_checkpointing() "
-        "nor gradient_checkpointing_enable()"
-    )
 
 
 class Trainer:
@@ -248,19 +230,9 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
 
-    @contextlib.contextmanager
     def evaluation_model(self):
-        """The model to evaluate or save: the unwrapped one with the EMA weights applied; under FSDP a full
-        copy on the main process (None on the others), gathered from the shards. Every process enters."""
-        ema = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-        with ema:
-            if not self.fsdp:
-                yield self.unwrapped
-                return
-            state = self.accelerator.get_state_dict(self.model)  # a collective; the full dict on the main process
-            if self.is_main:
-                self._replica.load_state_dict(state)
-            yield self._replica
+        """The model to evaluate or save (EMA applied; a full copy under FSDP); every process enters."""
+        return evaluation.evaluation_model(self)
 
     def _epoch_loader(self):
         self._loader_generator.manual_seed(self.config.train.seed + self.epoch)  # worker seeds per epoch
@@ -275,30 +247,6 @@ class Trainer:
             return self.accelerator.skip_first_batches(self.train_loader, self.batch_in_epoch)
         return self.train_loader
 
-    def _steps(self, loader):
-        """The epoch as lists of up to ``grad_accum_steps`` micro-batches (one optimiser step each); streamed
-        data ends the epoch on every process as soon as one process runs out."""
-        batches = guard_workers(loader, self.datasets["train"])  # a dead worker names its file
-        if self.streamed:
-            batches = self._while_all_have(batches)
-        window = []
-        for batch in batches:
-            window.append(batch)
-            if len(window) == self.config.train.grad_accum_steps:
-                yield window
-                window = []
-        if window:
-            yield window
-
-    def _while_all_have(self, batches):
-        device = self.accelerator.device
-        iterator = iter(batches)
-        while True:
-            batch = next(iterator, None)
-            if not all_have(self.accelerator, batch is not None):
-                return
-            yield send_to_device(batch, device)
-
     def _done(self) -> bool:
         train = self.config.train
         return (
@@ -307,11 +255,6 @@ class Trainer:
             # a train split without a length ends epochs only when it runs out
             or (self.steps_per_epoch is None and train.epochs is not None and self.epoch >= train.epochs)
         )
-
-    def _autocast(self):
-        if self.accelerator.mixed_precision == "no":
-            return contextlib.nullcontext()
-        return self.accelerator.autocast()
 
     def fit(self) -> dict[str, Any]:
         """Train until ``max_steps`` / ``epochs`` / ``max_minutes``; return final metrics and paths."""
@@ -339,8 +282,8 @@ class Trainer:
             while not self._done():
                 loader = self._epoch_loader()
                 finished_epoch = True
-                for window in self._steps(loader):
-                    self._train_step(window)
+                for window in epoch_steps(self, loader):
+                    train_step(self, window)
                     if self._end_of_step():
                         finished_epoch = False
                         break
@@ -369,51 +312,6 @@ class Trainer:
             f"({acc.mixed_precision}), {trainable:,} trainable parameters, global batch {self.global_batch_size}, "
             f"{self.total_steps or '?'} steps"
         )
-
-    def _train_step(self, window: list) -> None:
-        """Forward and backward every micro-batch of one step (gradients synchronised on the last), then
-        clip and step the optimiser. Losses are normalised over the whole step (see the module docstring)."""
-        acc, train = self.accelerator, self.config.train
-        n = len(window)
-        counts = [self.task.num_items(self.unwrapped, batch) for batch in window]
-        num_items = None
-        if all(c is not None for c in counts):
-            # gradients add up over the micro-batches and DDP averages them over the processes: so each summed
-            # loss is divided by the step's count over all processes / processes (transformers' num_items_in_batch)
-            num_items = reduce_sum(acc, sum(counts)) / acc.num_processes
-            if num_items == 0:
-                raise TrainingError(f"step {self.step + 1}: {type(self.task).__name__}.num_items is 0 for every "
-                                    "micro-batch; the loss would cover nothing")
-        for j, batch in enumerate(window):
-            sync = contextlib.nullcontext() if j == n - 1 else acc.no_sync(self.model)
-            with sync:
-                with self._autocast():
-                    if num_items is None:
-                        loss = self.task.training_loss(self.train_model, batch)
-                    else:
-                        loss = self.task.training_loss(self.train_model, batch, num_items_in_batch=num_items)
-                if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-                    raise TrainingError(
-                        f"{type(self.task).__name__}.training_loss must return a scalar tensor, got "
-                        f"{getattr(loss, 'shape', type(loss).__name__)}"
-                    )
-                acc.backward(loss if num_items is not None else loss / n)
-            # logged: the mean over the micro-batches of a per-micro-batch loss (token path: its share times n)
-            logged = loss.detach() if num_items is None else loss.detach() * n
-            self._loss_sum = logged if self._loss_sum is None else self._loss_sum + logged
-            self._micro_batches += 1
-            self.batch_in_epoch += 1
-        self._last_loss, self.elapsed_s = mean_loss_and_elapsed(acc, self._loss_sum, self._micro_batches,
-                                                               self._clock_start)
-        if not math.isfinite(self._last_loss):
-            raise NonFiniteLossError(
-                f"loss is {self._last_loss} at step {self.step + 1} (epoch {self.epoch}); the optimiser did not "
-                "step on it. Last good checkpoint: "
-                f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}"
-            )
-        if train.max_grad_norm is not None:
-            self._grad_norm = clip_gradients(acc, self.model, self.optimizer, train.max_grad_norm)
-        optimizer_step(acc, self.optimizer)
 
     def _end_of_step(self) -> bool:
         """Book-keeping after an optimiser step: schedule, EMA, logging, evaluation, checkpoint.

@@ -3,6 +3,7 @@
 Every failure ends with one line on stderr: a user error (bad flag, missing file, bad config key, bad data)
 exits with status 2; an internal error (a bug) exits with status 1 and says where to report it.
 ``mmlm --debug ...`` shows the traceback instead.
+Longer than 400 lines: one parser and one short ``cmd_`` function per verb (explain and compress included).
 """
 
 from __future__ import annotations

@@ -113,6 +113,21 @@ class SmallAffine:
         return f"SmallAffine(degrees={self.degrees}, translate={self.translate}, scale={self.scale})"
 
 
+class ResizeLongestSide:
+    """Scale a PIL image so it fits inside ``size`` (h, w), keeping its aspect ratio; every side >= 1 pixel."""
+
+    def __init__(self, size: tuple[int, int], interpolation):
+        self.size, self.interpolation = size, interpolation
+
+    def __call__(self, image):
+        w, h = image.size
+        scale = min(self.size[0] / h, self.size[1] / w)
+        return TF.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], interpolation=self.interpolation)
+
+    def __repr__(self) -> str:
+        return f"ResizeLongestSide(size={self.size})"
+
+
 class VisionEncoder(nn.Module):
     """timm backbone -> (batch, num_tokens, dim) image tokens."""
 
@@ -246,21 +261,6 @@ class VisionEncoder(nn.Module):
             return T.Resize(size, interpolation=interpolation)
         fill = tuple(round(255 * v) for v in self.data_config["mean"])
         return T.Compose([ResizeLongestSide(size, interpolation), CenterCropOrPad(size, fill=fill)])
-
-
-class ResizeLongestSide:
-    """Scale a PIL image so it fits inside ``size`` (h, w), keeping its aspect ratio; every side >= 1 pixel."""
-
-    def __init__(self, size: tuple[int, int], interpolation):
-        self.size, self.interpolation = size, interpolation
-
-    def __call__(self, image):
-        w, h = image.size
-        scale = min(self.size[0] / h, self.size[1] / w)
-        return TF.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], interpolation=self.interpolation)
-
-    def __repr__(self) -> str:
-        return f"ResizeLongestSide(size={self.size})"
 
     def enable_gradient_checkpointing(self) -> None:
         if hasattr(self.backbone, "set_grad_checkpointing"):

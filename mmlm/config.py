@@ -3,6 +3,10 @@
 Every config in mmlm is a (nested) dataclass. ``from_dict`` builds one from plain data and
 checks it: an unknown key names the key, its section and the closest valid key; a wrong type
 names the expected type. ``load_config`` reads a recipe YAML and applies ``a.b=c`` overrides.
+
+Longer than 400 lines on purpose: every run-level section (data, train, eval, ...) is one dataclass here,
+so the whole recipe schema and its cross-field checks read in one place (the models' own configs live
+beside their models).
 """
 
 from __future__ import annotations

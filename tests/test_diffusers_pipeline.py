@@ -44,13 +44,13 @@ def manifest(tmp_path_factory):
     return path
 
 
-def run_config(tmp_path, sd_folder, manifest, **model):
+def run_config(tmp_path, sd_folder, manifest, lr=5e-3, **model):
     return load_config({
         "task": "diffusion", "output_dir": str(tmp_path / "run"),
         "data": {"source": str(manifest), "val_source": str(manifest), "batch_size": 4, "caption_choice": "first"},
         "model": {"pipeline": str(sd_folder), "crop": "center", "caption_dropout": 0.0, "snr_gamma": 5.0,
                   "noise_offset": 0.05, **model},
-        "train": {"max_steps": 16, "warmup_steps": 0, "lr": 5e-3, "schedule": "constant", "log_every": 4,
+        "train": {"max_steps": 16, "warmup_steps": 0, "lr": lr, "schedule": "constant", "log_every": 4,
                   "weight_decay": 0.0, "ema_decay": None, "max_grad_norm": 1.0, "eval_every": 8},
         "eval": {"splits": [], "prompts": [PROMPT], "samplers": ["dpm++:2"], "num_examples": 1},
     })
@@ -80,9 +80,9 @@ DIFFUSERS_ONLY = textwrap.dedent("""
         pass
     import torch
     from diffusers import StableDiffusionPipeline
-    folder, base, out, prompt, steps, guidance, seed = sys.argv[1:8]
-    pipe = StableDiffusionPipeline.from_pretrained(base if base != "-" else folder)
-    if base != "-":
+    folder, lora, out, prompt, steps, guidance, seed = sys.argv[1:8]
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    if lora == "lora":
         pipe.load_lora_weights(folder)
     images = pipe(prompt, num_inference_steps=int(steps), guidance_scale=float(guidance), output_type="pt",
                   generator=torch.Generator().manual_seed(int(seed))).images
@@ -90,10 +90,10 @@ DIFFUSERS_ONLY = textwrap.dedent("""
 """)
 
 
-def diffusers_image(tmp_path, folder, base="-") -> torch.Tensor:
+def diffusers_image(tmp_path, folder, lora=False) -> torch.Tensor:
     """The image StableDiffusionPipeline makes from ``folder`` in a process where ``import mmlm`` fails."""
     out = tmp_path / "image.pt"
-    subprocess.run([sys.executable, "-c", DIFFUSERS_ONLY, str(folder), str(base), str(out), PROMPT, str(STEPS),
+    subprocess.run([sys.executable, "-c", DIFFUSERS_ONLY, str(folder), "lora" if lora else "-", str(out), PROMPT, str(STEPS),
                     str(GUIDANCE), str(SEED)], check=True, capture_output=True, text=True, timeout=600)
     return torch.load(out)
 
@@ -174,7 +174,7 @@ def test_full_fine_tune_through_mmlm_train_hands_back_a_diffusers_pipeline(sd_fo
 def test_lora_fine_tune_saves_weights_load_lora_weights_takes(sd_folder, manifest, tmp_path):
     from mmlm.api import load, train
 
-    config = run_config(tmp_path, sd_folder, manifest, lora={"rank": 4})
+    config = run_config(tmp_path, sd_folder, manifest, lr=3e-2, lora={"rank": 4})  # LoRA takes a higher LR
     model = TextToImage.from_config(config.model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n and n.startswith("denoiser.") for n in trainable)
@@ -183,13 +183,13 @@ def test_lora_fine_tune_saves_weights_load_lora_weights_takes(sd_folder, manifes
     folder = tmp_path / "run" / "model"
     assert (folder / "pytorch_lora_weights.safetensors").is_file()
     tuned = load(tmp_path / "run")
-    assert fixed_loss(tuned, manifest) < 0.95 * before
+    assert fixed_loss(tuned, manifest) < 0.97 * before
     expected = mmlm_image(tuned)
     base = mmlm_image(TextToImage.from_config(TextToImageConfig(pipeline=str(sd_folder))))
     assert (expected - base).abs().max() > 1e-3  # the adapter changes the output ...
-    # ... and load_lora_weights on the untouched base pipeline changes it the same way, without mmlm
-    torch.testing.assert_close(diffusers_image(tmp_path, folder, base=sd_folder), expected, atol=1e-4, rtol=0)
-    torch.testing.assert_close(diffusers_image(tmp_path, sd_folder), base, atol=1e-4, rtol=0)
+    # ... and without mmlm: the folder holds the untouched base weights; load_lora_weights changes them the same way
+    torch.testing.assert_close(diffusers_image(tmp_path, folder), base, atol=1e-4, rtol=0)
+    torch.testing.assert_close(diffusers_image(tmp_path, folder, lora=True), expected, atol=1e-4, rtol=0)
 
 
 def test_text_encoder_lora_trains_only_adapters_and_round_trips(sd_folder, tmp_path):
@@ -229,3 +229,39 @@ def test_the_recipe_points_at_a_folder_the_user_names(sd_folder):
     recipe = Path(__file__).resolve().parents[1] / "configs" / "finetune_sd_lora.yaml"
     config = load_config(recipe, [f"model.pipeline={sd_folder}"])
     assert config.model.lora is not None and config.model.pipeline == str(sd_folder)
+
+
+SCRATCH_PIPELINE = textwrap.dedent("""
+    import sys
+    sys.modules["mmlm"] = None
+    import torch
+    from diffusers import DiffusionPipeline
+    folder, out = sys.argv[1:3]
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(pipe).__name__ == "MmlmTextToImagePipeline"
+    images = pipe(["a red circle", "a blue square"], num_inference_steps=3, guidance_scale=2.5, output_type="pt",
+                  generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]).images
+    torch.save(images, out)
+""")
+
+
+@pytest.mark.parametrize("space", ["patch", "latent"])
+def test_a_from_scratch_generator_is_a_diffusers_pipeline_too(tmp_path, space):
+    """Own text encoder, patch or latent space, pooled text: the saved folder samples the same without mmlm."""
+    from test_diffusion import tiny_model
+
+    from mmlm.models.diffusion import DenoiserConfig
+
+    model = tiny_model(space=space, denoiser=DenoiserConfig(block_out_channels=(8, 16), attention=(False, True),
+                                                            norm_num_groups=4, pooled_text=True))
+    model.save_pretrained(tmp_path / "gen")
+    assert json.loads((tmp_path / "gen" / "model_index.json").read_text())["_class_name"][1] == \
+        "MmlmTextToImagePipeline"
+    expected = model.generate(["a red circle", "a blue square"], num_inference_steps=3, guidance_scale=2.5, seed=5,
+                              output_type="pt")
+    subprocess.run([sys.executable, "-c", SCRATCH_PIPELINE, str(tmp_path / "gen"), str(tmp_path / "out.pt")],
+                   check=True, capture_output=True, text=True, timeout=600)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-4, rtol=0)
+    reloaded = TextToImage.from_pretrained(tmp_path / "gen")  # and mmlm's own loader still reads it
+    torch.testing.assert_close(reloaded.generate(["a red circle", "a blue square"], num_inference_steps=3,
+                                                 guidance_scale=2.5, seed=5, output_type="pt"), expected)

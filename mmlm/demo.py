@@ -309,7 +309,8 @@ def write_report(out: Path, metrics: dict, captioner, generator, cap_cfg, zero_s
 
     report = ReportWriter(out, "mmlm demo: shapes captioner, zero-shot classifier and generator")
     report.section("Outcome")
-    report.text("\n".join(summary_lines(metrics)))
+    for line in summary_lines(metrics):  # one paragraph each: Markdown would join plain lines
+        report.text(line)
 
     report.section("Captioner")
     report.results(metrics["captioner"], BARS["captioner"])

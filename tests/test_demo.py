@@ -28,6 +28,8 @@ def test_quick_demo_end_to_end(tmp_path, tmp_path_factory):
     assert "test_captions.png" in images and any(n.startswith("generated_") for n in images)
     report = (out / "report.md").read_text()
     assert "Quick run" in report and "images/test_captions.png" in report
+    assert report.index("## Outcome") < report.index("## Captioner") and "bar 95%" in report  # figures beside bars
+    assert "Plan: captioner 250 steps, generator 150 steps" in printed and "Quick run" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     numbers = dict(_numbers(metrics))
     assert all(math.isfinite(v) for v in numbers.values())

@@ -22,8 +22,9 @@ class MmlmTextToImagePipeline(DiffusionPipeline):
     """denoiser (UNet2DConditionModel or PixArtTransformer2DModel) + text encoder + tokenizer + scheduler (+ vae)."""
 
     model_cpu_offload_seq = "text_encoder->denoiser->vae"
+    _optional_components = ["vae"]  # pixel and patch space have none
 
-    def __init__(self, denoiser, text_encoder, tokenizer, scheduler, vae=None, space: str = "patch",
+    def __init__(self, denoiser, text_encoder, tokenizer, scheduler, vae, space: str = "patch",
                  patch_size: int = 2, latent_scale: float = 1.0, max_length: int = 16, sampler: str = "dpm++",
                  num_inference_steps: int = 20, guidance_scale: float = 2.0):
         super().__init__()

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from hf_helpers import tiny_vlm
-from mmlm.models.model_card import read_model_card, write_model_card
+from mmlm.model_card import read_model_card, write_model_card
 from mmlm.train import Trainer
 from test_trainer import ToyTask, make_config
 

@@ -72,7 +72,7 @@ def save(model: VisionLanguageModel, path: Path) -> None:
     container = plain_parts(model, merge_lm)
     save_model(container, str(path / WEIGHTS_NAME))
     from mmlm.models.hub import transformers_keys  # model_type, architectures, image side (issue 16)
-    from mmlm.models.model_card import write_model_card
+    from mmlm.model_card import write_model_card
 
     meta = {"model_class": type(model).__name__, "config": to_dict(saved), **transformers_keys(model)}
     (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")

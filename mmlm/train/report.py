@@ -64,8 +64,8 @@ def finish(trainer: Trainer, metrics: dict[str, float], last_loss: float) -> dic
             ckpt.save_model(trainer.task, model, None, out / "model")
             plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
             pictures = sorted(out.glob(f"eval/*_step_{trainer.step:06d}/*.png"))
-            if (out / "model" / "config.json").is_file():  # the model card, now with the run (issue 16)
-                from mmlm.models.model_card import write_model_card
+            if (out / "model" / "config.json").is_file():  # the model card, now with the run
+                from mmlm.model_card import write_model_card
 
                 write_model_card(out / "model", recipe=out / "config.yaml", data=trainer.config.data.source,
                                  steps=trainer.step, metrics={**summary, **metrics},

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mmlm.config import DataConfig, RunConfig, TrainConfig
-from mmlm.train import Task, Trainer
+from mmlm.training import Task, Trainer
 
 DIM, CLASSES, SAMPLES = 256, 10, 8192
 STAMPS: list[float] = []  # perf_counter at the start of every step's forward pass

@@ -18,8 +18,8 @@ _LAZY = {
     "VLMConfig": "mmlm.models.vlm",
     "TextToImage": "mmlm.models.diffusion",
     "TextToImageConfig": "mmlm.models.diffusion",
-    "Trainer": "mmlm.train",
-    "Task": "mmlm.train",
+    "Trainer": "mmlm.training",
+    "Task": "mmlm.training",
     "RunConfig": "mmlm.config",
     "load_config": "mmlm.config",
     "train": "mmlm.api",
@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mmlm.config import RunConfig, load_config
     from mmlm.models.diffusion import TextToImage, TextToImageConfig
     from mmlm.models.vlm import VisionLanguageModel, VLMConfig
-    from mmlm.train import Task, Trainer
+    from mmlm.training import Task, Trainer
 
 
 def __getattr__(name: str):

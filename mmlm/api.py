@@ -28,7 +28,7 @@ def train(config: RunConfig | str | Path | dict, overrides: list[str] = (), *, r
 
     >>> mmlm.train("configs/shapes_captioner.yaml", ["train.max_minutes=5"])
     """
-    from mmlm.train import Trainer
+    from mmlm.training import Trainer
 
     if not isinstance(config, RunConfig):
         config = load_config(config, list(overrides))

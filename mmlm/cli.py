@@ -38,7 +38,7 @@ def _is_user_error(err: BaseException) -> bool:
     (non-finite loss, a checkpoint that could not be written); everything else is a bug."""
     if isinstance(err, (ValueError, OSError)):
         return True
-    trainer = sys.modules.get("mmlm.train.trainer")  # loaded whenever one of its errors can have been raised
+    trainer = sys.modules.get("mmlm.training.trainer")  # loaded whenever one of its errors can have been raised
     training_error = getattr(trainer, "TrainingError", None)
     return isinstance(training_error, type) and isinstance(err, training_error)
 

@@ -270,7 +270,7 @@ class DDPConfig:
 
 @dataclasses.dataclass
 class FSDPConfig:
-    """Fully sharded data parallel (FSDP2, through accelerate); CUDA-like devices only (see mmlm.train.distributed)."""
+    """Fully sharded data parallel (FSDP2, through accelerate); CUDA-like devices only (see mmlm.training.distributed)."""
 
     enabled: bool = False
     sharding_strategy: str = "full_shard"  # full_shard (reshard after forward) | shard_grad_op (keep until backward)
@@ -286,7 +286,7 @@ class FSDPConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The optimisation loop (mmlm.train.trainer); cross-field checks in :func:`validate_train_config`."""
+    """The optimisation loop (mmlm.training.trainer); cross-field checks in :func:`validate_train_config`."""
 
     lr: float = 3e-4
     module_lr: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. {"vision": 2e-3}; 0 freezes

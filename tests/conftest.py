@@ -2,7 +2,7 @@
 
 import pytest
 
-from mmlm.train.trainer import reset_accelerate_state
+from mmlm.training.trainer import reset_accelerate_state
 
 
 @pytest.fixture(autouse=True)

@@ -107,7 +107,7 @@ def _main(argv: list[str]) -> None:
 
     from mmlm.api import train
     from mmlm.tasks.common import ImageTextTask
-    from mmlm.train.trainer import Trainer
+    from mmlm.training.trainer import Trainer
 
     cfg = json.loads(Path(argv[0]).read_text())
     rank = int(os.environ.get("RANK", "0"))

@@ -329,7 +329,7 @@ def test_folders_saved_with_the_old_class_key_still_load(tmp_path):
 
 def test_the_diffusion_package_imports_no_data_harness_or_vlm_module():
     code = ("import sys, mmlm.models.diffusion; print(sorted(m for m in sys.modules if m.startswith(("
-            "'mmlm.data', 'mmlm.train', 'mmlm.tasks', 'mmlm.api', 'mmlm.models.vlm', 'mmlm.models.language'))))")
+            "'mmlm.data', 'mmlm.training', 'mmlm.tasks', 'mmlm.api', 'mmlm.models.vlm', 'mmlm.models.language'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

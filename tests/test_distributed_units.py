@@ -12,8 +12,8 @@ from distributed_helpers import config, saved_weights, write_data
 from mmlm.api import train
 from mmlm.config import ConfigError, FSDPConfig, load_config
 from mmlm.data import StreamingImageTextDataset
-from mmlm.train.distributed import build_accelerator, fsdp_plugin
-from mmlm.train.evaluation import split_for_process
+from mmlm.training.distributed import build_accelerator, fsdp_plugin
+from mmlm.training.evaluation import split_for_process
 
 TINY_SHAPES = {"n_train": 32, "n_val": 4, "n_test": 4, "n_compositional": 4, "image_size": 32, "max_shapes": 2}
 

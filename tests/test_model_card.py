@@ -9,7 +9,7 @@ from PIL import Image
 
 from hf_helpers import tiny_vlm
 from mmlm.model_card import read_model_card, write_model_card
-from mmlm.train import Trainer
+from mmlm.training import Trainer
 from test_trainer import ToyTask, make_config
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from mmlm.api import train
 from mmlm.config import load_config
-from mmlm.train.trainer import validate_train_config
+from mmlm.training.trainer import validate_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 import mmlm.data.datasets as data_module
 from mmlm.config import DataConfig, RunConfig, TrainConfig
 from mmlm.data import DataWorkerError, ImageTextDataset, Record, collate_image_text, guard_workers
-from mmlm.train import CheckpointWriteError, Task, Trainer, latest_checkpoint, list_checkpoints
-from mmlm.train import checkpoint as ckpt
-from mmlm.train.trainer import reset_accelerate_state
+from mmlm.training import CheckpointWriteError, Task, Trainer, latest_checkpoint, list_checkpoints
+from mmlm.training import checkpoint as ckpt
+from mmlm.training.trainer import reset_accelerate_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,8 +47,8 @@ CHILD = textwrap.dedent('''
     from torch import nn
     from torch.utils.data import Dataset
     from mmlm.config import DataConfig, RunConfig, TrainConfig
-    from mmlm.train import Task, Trainer
-    from mmlm.train import checkpoint as ckpt
+    from mmlm.training import Task, Trainer
+    from mmlm.training import checkpoint as ckpt
 
     class Data(Dataset):
         def __init__(self, n, seed):

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from mmlm.data import DataError, read_records
 from mmlm.safety import UnsafeFileError, load_state_dict, load_torch_file
-from mmlm.train.trainer import reset_accelerate_state
+from mmlm.training.trainer import reset_accelerate_state
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mmlm"
 
@@ -108,7 +108,7 @@ def test_timm_vision_weights_path_refuses_a_malicious_pickle(tmp_path):
 def test_resume_from_a_tampered_checkpoint_runs_no_code(tmp_path):
     from test_reliability_faults import PairsTask, pairs_config  # a tiny regression task
 
-    from mmlm.train import CheckpointError, Trainer
+    from mmlm.training import CheckpointError, Trainer
 
     def reset():
         reset_accelerate_state()

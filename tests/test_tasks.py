@@ -162,8 +162,9 @@ def test_import_rules_of_tasks_and_train():
 
     root = Path(mmlm.__file__).parent
     banned = {"tasks": ("mmlm.api", "mmlm.cli", "mmlm.demo"),
-              "train": ("mmlm.api", "mmlm.cli", "mmlm.demo", "mmlm.tasks", "mmlm.models")}
+              "training": ("mmlm.api", "mmlm.cli", "mmlm.demo", "mmlm.tasks", "mmlm.models")}
     for folder, prefixes in banned.items():
+        assert (root / folder / "__init__.py").is_file(), folder
         for path in sorted((root / folder).glob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else (

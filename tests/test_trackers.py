@@ -11,8 +11,8 @@ from PIL import Image
 from torch import nn
 
 from mmlm.config import ConfigError
-from mmlm.train import Trainer
-from mmlm.train.trackers import check_report_to
+from mmlm.training import Trainer
+from mmlm.training.trackers import check_report_to
 from test_trainer import ToyTask, make_config
 
 pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb)")

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mmlm.config import ConfigError, DataConfig, RunConfig, TrainConfig, from_dict
-from mmlm.train import (
+from mmlm.training import (
     EMA,
     NonFiniteLossError,
     Task,
@@ -25,7 +25,7 @@ from mmlm.train import (
     parameter_groups,
 )
 from mmlm.eval.plots import read_metrics_jsonl as read_metrics
-from mmlm.train.trainer import reset_accelerate_state
+from mmlm.training.trainer import reset_accelerate_state
 
 
 class ToyNet(nn.Module):

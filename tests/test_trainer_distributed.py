@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mmlm.config import DataConfig, RunConfig, TrainConfig
-from mmlm.train import Task, Trainer
-from mmlm.train.trainer import reset_accelerate_state
+from mmlm.training import Task, Trainer
+from mmlm.training.trainer import reset_accelerate_state
 
 
 class Blobs(Dataset):

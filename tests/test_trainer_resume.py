@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mmlm.config import DataConfig, RunConfig, TrainConfig
-from mmlm.train import (
+from mmlm.training import (
     CheckpointError,
     CheckpointWriteError,
     Task,
@@ -20,9 +20,9 @@ from mmlm.train import (
     TrainingError,
     latest_checkpoint,
 )
-from mmlm.train import checkpoint as ckpt
+from mmlm.training import checkpoint as ckpt
 from mmlm.eval.plots import read_metrics_jsonl as read_metrics
-from mmlm.train.trainer import reset_accelerate_state
+from mmlm.training.trainer import reset_accelerate_state
 
 
 class DropoutNet(nn.Module):

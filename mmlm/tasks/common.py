@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from mmlm.config import RunConfig
 from mmlm.data.datasets import build_datasets, collate_image_text
 from mmlm.data.sources import Record
-from mmlm.train.task import Task
+from mmlm.training.task import Task
 
 CORPUS_RECORDS = 5000  # records read to train a tokenizer from scratch (the vocabulary saturates far earlier)
 MODEL_KINDS = {"VisionLanguageModel": "vision_language", "TextToImage": "text_to_image"}

@@ -6,19 +6,19 @@ collectives; optim.py AdamW groups and the LR schedule; ema.py the weight averag
 errors.py the errors. Imports only models-free layers (config, data, eval): never tasks or api.
 """
 
-from mmlm.train.checkpoint import latest_checkpoint, list_checkpoints
-from mmlm.train.distributed import resolve_mixed_precision
-from mmlm.train.ema import EMA
-from mmlm.train.errors import CheckpointError, CheckpointWriteError, NonFiniteLossError, TrainingError
-from mmlm.train.logging import MetricsLog
-from mmlm.train.optim import (
+from mmlm.training.checkpoint import latest_checkpoint, list_checkpoints
+from mmlm.training.distributed import resolve_mixed_precision
+from mmlm.training.ema import EMA
+from mmlm.training.errors import CheckpointError, CheckpointWriteError, NonFiniteLossError, TrainingError
+from mmlm.training.logging import MetricsLog
+from mmlm.training.optim import (
     WarmupDecaySchedule,
     build_optimizer,
     lr_factor,
     parameter_groups,
 )
-from mmlm.train.task import Task
-from mmlm.train.trainer import Trainer
+from mmlm.training.task import Task
+from mmlm.training.trainer import Trainer
 
 __all__ = [
     "EMA",

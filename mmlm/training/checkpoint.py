@@ -21,15 +21,15 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmlm.train.distributed import any_failed
-from mmlm.train.ema import EMA
-from mmlm.train.errors import CheckpointError, CheckpointWriteError, TrainingError
+from mmlm.training.distributed import any_failed
+from mmlm.training.ema import EMA
+from mmlm.training.errors import CheckpointError, CheckpointWriteError, TrainingError
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from mmlm.train.task import Task
-    from mmlm.train.trainer import Trainer
+    from mmlm.training.task import Task
+    from mmlm.training.trainer import Trainer
 
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"

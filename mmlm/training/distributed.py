@@ -15,7 +15,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, Ful
 from torch import nn
 
 from mmlm.config import ConfigError, FSDPConfig, TrainConfig
-from mmlm.train.errors import TrainingError
+from mmlm.training.errors import TrainingError
 
 
 def resolve_mixed_precision(value: str) -> str:

@@ -24,13 +24,13 @@ from torch.utils.data import IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from mmlm.config import ConfigError
-from mmlm.train import checkpoint as ckpt
-from mmlm.train.distributed import run_on_main
-from mmlm.train.errors import TrainingError
-from mmlm.train.task import Task
+from mmlm.training import checkpoint as ckpt
+from mmlm.training.distributed import run_on_main
+from mmlm.training.errors import TrainingError
+from mmlm.training.task import Task
 
 if TYPE_CHECKING:
-    from mmlm.train.trainer import Trainer
+    from mmlm.training.trainer import Trainer
 
 
 @contextlib.contextmanager
@@ -97,7 +97,7 @@ def evaluate(trainer: Trainer, split: str) -> dict[str, float]:
 
 
 def _any_failed(trainer: Trainer, error: BaseException | None) -> bool:
-    from mmlm.train.distributed import any_failed
+    from mmlm.training.distributed import any_failed
 
     return any_failed(trainer.accelerator, error)
 

@@ -10,11 +10,11 @@ from tqdm.auto import tqdm
 
 from mmlm.eval.plots import plot_loss_curve
 from mmlm.eval.report import write_run_report
-from mmlm.train import checkpoint as ckpt
-from mmlm.train.distributed import run_on_main
+from mmlm.training import checkpoint as ckpt
+from mmlm.training.distributed import run_on_main
 
 if TYPE_CHECKING:
-    from mmlm.train.trainer import Trainer
+    from mmlm.training.trainer import Trainer
 
 
 def report_skipped(trainer: Trainer) -> list[dict[str, str]]:

@@ -21,11 +21,11 @@ from torch import nn
 
 from mmlm.config import ConfigError
 from mmlm.data.datasets import guard_workers
-from mmlm.train.distributed import all_have, clip_gradients, mean_loss_and_elapsed, optimizer_step, reduce_sum
-from mmlm.train.errors import NonFiniteLossError, TrainingError
+from mmlm.training.distributed import all_have, clip_gradients, mean_loss_and_elapsed, optimizer_step, reduce_sum
+from mmlm.training.errors import NonFiniteLossError, TrainingError
 
 if TYPE_CHECKING:
-    from mmlm.train.trainer import Trainer
+    from mmlm.training.trainer import Trainer
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -1,6 +1,6 @@
 """What differs per task: the model, the data, ``batch -> loss`` and the evaluation.
 
-The :class:`~mmlm.train.trainer.Trainer` owns everything else (devices, precision,
+The :class:`~mmlm.training.trainer.Trainer` owns everything else (devices, precision,
 accumulation, optimiser, schedule, EMA, logging, checkpoints). A feature added there works
 for every task at once.
 """

@@ -1,6 +1,6 @@
 """The one training loop, on accelerate: one process or many (``accelerate launch`` / torchrun).
 
-A :class:`~mmlm.train.task.Task` supplies the model, the data, ``batch -> loss`` and the
+A :class:`~mmlm.training.task.Task` supplies the model, the data, ``batch -> loss`` and the
 evaluation; the :class:`Trainer` owns the rest: precision, accumulation, AdamW with per-part
 LRs, warmup + cosine, clipping, EMA, logging, evaluation, best model, atomic checkpoints and
 exact resume.
@@ -9,7 +9,7 @@ Batch sizes: ``data.batch_size`` is per process and per micro-batch, so one opti
 sees ``batch_size * processes * grad_accum_steps`` samples. A "step" is one optimiser update.
 
 Accumulation is the trainer's own: it takes the ``grad_accum_steps`` micro-batches of a step
-first, so a task that counts its loss items (:meth:`~mmlm.train.task.Task.num_items`, e.g. label
+first, so a task that counts its loss items (:meth:`~mmlm.training.task.Task.num_items`, e.g. label
 tokens) gets the loss normalised by the count over the whole step and every process; other tasks
 average their micro-batch losses. Gradients are synchronised on the last micro-batch only.
 
@@ -19,12 +19,12 @@ checkpoint stores the number of micro-batches consumed in the current epoch and 
 (``skip_first_batches``; streamed: before decoding). Model, optimiser, schedule,
 EMA and the RNG states are restored; evaluation runs with forked RNG so it never shifts the
 training stream. Step-based runs resume bitwise (on CPU); wall-clock runs schedule the LR on
-elapsed time (see :mod:`mmlm.train.optim`) and so cannot.
+elapsed time (see :mod:`mmlm.training.optim`) and so cannot.
 
-This file is the loop; its parts live beside it: :mod:`~mmlm.train.checkpoint` (save, restore,
-resume), :mod:`~mmlm.train.evaluation` (main-process evaluation, best model),
-:mod:`~mmlm.train.logging` (metrics log), :mod:`~mmlm.train.report` (the end of a run),
-:mod:`~mmlm.train.distributed` (processes, devices, collectives).
+This file is the loop; its parts live beside it: :mod:`~mmlm.training.checkpoint` (save, restore,
+resume), :mod:`~mmlm.training.evaluation` (main-process evaluation, best model),
+:mod:`~mmlm.training.logging` (metrics log), :mod:`~mmlm.training.report` (the end of a run),
+:mod:`~mmlm.training.distributed` (processes, devices, collectives).
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from mmlm.config import ConfigError, RunConfig, save_yaml, to_dict, validate_train_config
-from mmlm.train import checkpoint as ckpt
-from mmlm.train import evaluation
-from mmlm.train.distributed import (
+from mmlm.training import checkpoint as ckpt
+from mmlm.training import evaluation
+from mmlm.training.distributed import (
     broadcast_module,
     build_accelerator,
     reset_accelerate_state,
@@ -52,13 +52,13 @@ from mmlm.train.distributed import (
     run_on_main,
     set_fsdp_wrap_classes,
 )
-from mmlm.train.ema import EMA
-from mmlm.train.errors import CheckpointWriteError, NonFiniteLossError, TrainingError
-from mmlm.train.logging import MetricsLog, StepWindow
-from mmlm.train.optim import WarmupDecaySchedule, build_optimizer
-from mmlm.train.report import finish
-from mmlm.train.steps import enable_gradient_checkpointing, epoch_steps, train_step
-from mmlm.train.task import Task
+from mmlm.training.ema import EMA
+from mmlm.training.errors import CheckpointWriteError, NonFiniteLossError, TrainingError
+from mmlm.training.logging import MetricsLog, StepWindow
+from mmlm.training.optim import WarmupDecaySchedule, build_optimizer
+from mmlm.training.report import finish
+from mmlm.training.steps import enable_gradient_checkpointing, epoch_steps, train_step
+from mmlm.training.task import Task
 
 __all__ = [  # the names this module has always offered (several now live beside it)
     "CheckpointWriteError", "MetricsLog", "NonFiniteLossError", "Trainer", "TrainingError",
@@ -75,7 +75,7 @@ class Trainer:
 
     def __init__(self, config: RunConfig, task: Task, *, resume: bool | str | Path = False):
         if not isinstance(task, Task):
-            raise TypeError(f"task must be a mmlm.train.Task, got {type(task).__name__}")
+            raise TypeError(f"task must be a mmlm.training.Task, got {type(task).__name__}")
         self.config = config
         self.task = task
         train = config.train
@@ -263,8 +263,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(to_dict(self.config), self.output_dir / "config.yaml")
             self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl", self.step if self.resumed_from else None)
-            if self.config.train.report_to:  # the same records to experiment trackers (mmlm.train.trackers)
-                from mmlm.train.trackers import TrackedMetricsLog
+            if self.config.train.report_to:  # the same records to experiment trackers (mmlm.training.trackers)
+                from mmlm.training.trackers import TrackedMetricsLog
 
                 self.metrics_log = TrackedMetricsLog(self.metrics_log, self.config.train.report_to, self.output_dir,
                                                      to_dict(self.config))

@@ -5,7 +5,7 @@ After `mmlm demo --quick` has written a run folder (once per session, shared wit
 at the repository's recipes. README lines say what they need with a trailing comment, and run here as follows:
 
 - ``# needs: minutes``: ``mmlm demo`` is the quick run above (checked to be the same command with ``--quick``);
-- every training command (``mmlm train``, ``mmlm.train``) runs on tiny data for 2 steps (overrides appended);
+- every training command (``mmlm train``, ``mmlm.training``) runs on tiny data for 2 steps (overrides appended);
 - ``# needs: gpu``: ``accelerate launch --multi_gpu`` with 2 processes, which on a CPU machine are 2 CPU processes;
 - ``# needs: internet``: Hub ids replaced by local folders built here, ``pretrained=True`` by random init;
 - ``pip install`` is checked statically (the extras exist), the test command must be exactly what ``.ci/run`` runs.
@@ -257,8 +257,15 @@ def _check_train(ran: Ran, args: list[str], work: Workspace):
     assert (out / "model" / "config.json").is_file() and (out / "config.yaml").is_file()
 
 
+def _check_export(ran: Ran, args: list[str], work: Workspace):
+    out = work.folder / args[2]
+    assert ran.stdout.split() == [args[2]] or ran.stdout.strip() == str(out), ran.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"] and (out / "processor_config.json").is_file()
+
+
 CHECKS = {"caption": _check_caption, "classify": _check_classify, "generate": _check_generate,
-          "train": _check_train}
+          "train": _check_train, "export": _check_export}
 
 
 def check_output(ran: Ran, work: Workspace):
@@ -340,9 +347,9 @@ def run_python(block: Block, work: Workspace, monkeypatch) -> dict:
     code = offline(block.code, work) if "internet" in block.needs else block.code
     monkeypatch.chdir(work.folder)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # mmlm.train is the lazy alias of mmlm.api.train (once the subpackage mmlm.train is imported, as in this test
-    # process, the attribute is that module: see the report); the README block sees the quick wrapper.
-    train = _quick_train(api.train)
+    # The README block's mmlm.train runs the quick form (tiny data, 2 steps) of the real facade function.
+    assert callable(mmlm.train), "mmlm.train must stay the facade function after mmlm.training is imported"
+    train = _quick_train(mmlm.train)
     monkeypatch.setattr(mmlm, "train", train)
     namespace = {"__name__": "__readme__"}
     exec(compile(code, f"{README}:{block.line}", "exec"), namespace)
@@ -369,6 +376,17 @@ def _check_parts_block(ns: dict, work: Workspace):
     assert type(ns["model"].language_model).__name__ == "Qwen2ForCausalLM"
 
 
+def _check_auto_block(ns: dict, work: Workspace):
+    assert type(ns["model"]).__name__ == "MmlmVLMForConditionalGeneration"
+    assert len(ns["captions"]) == 1 and ns["captions"][0].strip()  # and equal to caption(): the block asserts it
+
+
+def _check_llava_block(ns: dict, work: Workspace):
+    assert type(ns["model"]).__name__ == "LlavaForConditionalGeneration"
+    trained = api.load(work.folder / "runs" / "llava")  # the run the README's export line exported
+    assert ns["caption"] == trained.caption([ns["image"]])[0].strip()
+
+
 def _check_pipeline_block(ns: dict, work: Workspace):
     assert ns["_train_calls"] and ns["result"]["step"] == 2
     folder = work.folder / "runs" / "finetune_sd_lora" / "model"
@@ -376,7 +394,8 @@ def _check_pipeline_block(ns: dict, work: Workspace):
     assert isinstance(ns["image"], Image.Image) and ns["image"].size == (16, 16)  # the tiny pipeline's resolution
 
 
-PYTHON_CHECKS = {"StableDiffusionPipeline": _check_pipeline_block, "mmlm.load(": _check_api_block, "VisionLanguageModel.from_config": _check_parts_block}
+PYTHON_CHECKS = {"StableDiffusionPipeline": _check_pipeline_block, "mmlm.load(": _check_api_block, "VisionLanguageModel.from_config": _check_parts_block,
+                 "AutoModelForImageTextToText": _check_auto_block, "LlavaForConditionalGeneration": _check_llava_block}
 
 
 @pytest.mark.slow

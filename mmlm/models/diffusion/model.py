@@ -7,7 +7,8 @@ cost of a network running at 1/patch_size the resolution, as in Simple Diffusion
 the text tokens, optionally also the pooled text added to the timestep embedding, which conditions every
 ResNet block) or a ``PixArtTransformer2DModel`` (DiT with cross-attention on text); epsilon or
 v-prediction with optional min-SNR weighting and caption dropout for classifier-free guidance. Sampling
-(schedulers, CFG, ``generate``) lives in ``sampling.py``.
+(schedulers, CFG, ``generate``) lives in ``sampling.py``; loading a pretrained pipeline in ``pretrained.py``.
+Longer than 400 lines by a few: the three spaces' encode/decode sit beside the loss that uses them.
 
 Latent space with a VAE trained here is a two-stage recipe: call ``fit_autoencoder(images)`` once
 before diffusion training (``needs_autoencoder_fit`` says whether it is still due; the budget comes

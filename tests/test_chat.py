@@ -228,3 +228,36 @@ def test_the_none_layout_is_the_captioning_layout():
     theirs = model.encode_sample("<image>\ndescribe:", "a red circle")
     assert (ours.input_ids, ours.labels) == (theirs.input_ids, theirs.labels)
     assert chat.encode_prompt(model, messages[:1], 1) == model.prompt_ids("<image>\ndescribe:")
+
+
+SAMPLING_FLAGS = ["--do-sample", "--temperature", "1.5", "--top-k", "5", "--top-p", "0.9",
+                  "--repetition-penalty", "1.3", "--stop", "zz"]
+SAMPLING_OPTIONS = dict(do_sample=True, temperature=1.5, top_k=5, top_p=0.9, repetition_penalty=1.3,
+                        stop_strings=["zz"], max_new_tokens=6)
+
+
+def test_cli_ask_and_chat_generation_flags_reach_the_model(trained, monkeypatch, capsys):
+    """Each generation flag of ask/chat gives what the API gives with the same options and seed (the model is
+    loaded after seeding on both sides: building it draws from the RNG)."""
+    import torch
+    from mmlm import api, cli
+
+    _, folder, files = trained
+    torch.manual_seed(0)
+    assert cli.main(["ask", str(folder), str(files[0]), "--question", QUESTION, "--max-new-tokens", "6",
+                     *SAMPLING_FLAGS]) == 0
+    asked = json.loads(capsys.readouterr().out.splitlines()[0])["answer"]
+    torch.manual_seed(0)
+    assert asked == api.load_vlm(folder).answer([str(files[0])], [QUESTION], **SAMPLING_OPTIONS)[0]
+
+    system = "Answer with one word."
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n"))
+    torch.manual_seed(1)
+    assert cli.main(["chat", str(folder), str(files[0]), "--system", system, "--max-new-tokens", "6",
+                     *SAMPLING_FLAGS]) == 0
+    chatted = capsys.readouterr().out.splitlines()[0]
+    torch.manual_seed(1)
+    model = api.load_vlm(folder)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": QUESTION}]
+    expected = "".join(model.chat([str(files[0])], messages, stream=True, **SAMPLING_OPTIONS))
+    assert chatted == expected

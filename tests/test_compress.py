@@ -29,10 +29,9 @@ def _kinds(model):
     return found
 
 
-@pytest.mark.xfail(reason="known defect (issue 17, open): on some random inits (seed 0 here) int8 logits differ from "
+@pytest.mark.xfail(reason="known defect (issue 17, open): on some random inits int8 logits differ from "
                           "fp32 by 60-90% of their range; under investigation", strict=False)
 def test_quantize_swaps_linear_layers_and_embedding_and_keeps_outputs_close():
-    torch.manual_seed(0)  # the random init decides how close int8 comes; fixed so the outcome is reproducible
     model = tiny_vlm(CNN, "mlp")
     pixels = model.pixel_values([r.image for r in generate_shapes(2, config=ONE_SHAPE)])
     batch = model.prepare_batch(pixels, ["a small red circle on the left", "a large blue star at the top"])

@@ -1,6 +1,6 @@
 """VisionLanguageModel: timm encoder -> projector -> transformers causal LM (LLaVA-style).
 
-Sequence layout (one image per sample)::
+Sequence layout (one image; a conversation may hold up to ``model.max_images``, one ``<image>`` marker each)::
 
     [start] prompt-before-<image> [<image> x N] prompt-after-<image> answer [eos] [pad ...]
 
@@ -40,9 +40,9 @@ from mmlm.models.language import (
 )
 from mmlm.models.projector import ProjectorConfig, build_projector
 from mmlm.models.scoring import split_template  # noqa: F401  (re-exported: callers import it from here)
-from mmlm.models.sequence import (
-    IGNORE_INDEX, EncodedSequence, Segment, check_prompt, encode_segments, join_answer, positions_from_mask,
-)
+from mmlm.models.sequence import (IGNORE_INDEX, EncodedSequence, Segment, check_image_counts, check_prompt,
+                                  encode_segments, join_answer, positions_from_mask)
+from mmlm.models.token_dropout import drop_answer_tokens
 from mmlm.models.vision import ImageTransform, VisionConfig, VisionEncoder
 
 def _default_language() -> LanguageConfig:
@@ -60,6 +60,9 @@ class VLMConfig:
     prompt: str = ""  # default prompt for captioning; may contain one "<image>"
     chat_template: str = "auto"  # auto | none | a Jinja template: how conversations render (models/chat.py)
     max_length: int = 64  # text tokens per sample (start + prompt + answer + eos), image tokens not counted
+    max_images: int = 1  # images per sample at most (<image> markers of a conversation); more is a data error
+    # Training only: this fraction of answer tokens in the LM's input is replaced by pad (models/token_dropout.py).
+    answer_token_dropout: float = 0.0
     # A saved model folder (or a run folder holding model/) to start from: its weights, tokenizer and LM
     # config (language.name_or_path / config are then not read); vision / projector must match the saved ones.
     init_from: str | None = None
@@ -69,6 +72,10 @@ class VLMConfig:
     def __post_init__(self):
         if self.max_length < 2:
             raise ConfigError(f"model.max_length: expected >= 2, got {self.max_length}")
+        if not isinstance(self.max_images, int) or self.max_images < 1:
+            raise ConfigError(f"model.max_images: expected an integer >= 1, got {self.max_images!r}")
+        if not 0.0 <= self.answer_token_dropout < 1.0:
+            raise ConfigError(f"model.answer_token_dropout: expected a rate in [0, 1), got {self.answer_token_dropout}")
         check_prompt(self.prompt, "model.prompt")
 
 
@@ -127,7 +134,7 @@ class VisionLanguageModel(nn.Module):
         vision = VisionEncoder(config.vision)
         lm_dim = language_model.get_input_embeddings().embedding_dim
         projector, num_image_tokens = build_projector(config.projector, vision.dim, lm_dim, vision.num_tokens)
-        check_sequence_fits(language_model.config, num_image_tokens, config.max_length)
+        check_sequence_fits(language_model.config, num_image_tokens * config.max_images, config.max_length)
         return cls(config, vision, projector, language_model, tokenizer, num_image_tokens)
 
     def _add_adapters(self) -> None:
@@ -249,24 +256,22 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the image placeholders replaced by projected image tokens."""
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              image_counts: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings, image placeholders replaced by projected image tokens (``check_image_counts``)."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.image_token_id
         if pixel_values is None:
             if image_mask.any():
                 raise ValueError("input_ids contain image placeholders but no pixel_values were given")
             return embeds
-        counts = image_mask.sum(1)
-        if (counts != self.num_image_tokens).any():
-            raise ValueError(f"each sample needs exactly {self.num_image_tokens} '{IMAGE_TOKEN}' ids, "
-                             f"got {counts.tolist()}; build inputs with prepare_batch")
+        check_image_counts(image_mask, len(pixel_values), self.num_image_tokens, image_counts)
         image_tokens = self.encode_images(pixel_values).to(embeds.dtype)
         return embeds.masked_scatter(image_mask.unsqueeze(-1), image_tokens)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, num_items_in_batch: int | torch.Tensor | None = None,
-                reduction: str = "mean") -> VLMOutput:
+                reduction: str = "mean", image_counts: Sequence[int] | torch.Tensor | None = None) -> VLMOutput:
         """Without ``labels``: the LM's logits at every position. With ``labels`` (unshifted, -100 = none):
         the decoder's hidden states, the LM head on the label positions only, cross-entropy in fp32.
 
@@ -275,11 +280,13 @@ class VisionLanguageModel(nn.Module):
         tensor) is the count. For gradient accumulation and several processes, a trainer counts the label
         tokens of all micro-batches of an optimizer step (``sequence.count_label_tokens``), all-reduces the
         count, and passes ``num_items_in_batch = total / world_size`` (DDP averages gradients over
-        processes), so every token weighs the same however the step is split.
+        processes), so every token weighs the same however the step is split. ``image_counts``: see ``embed``.
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
-        embeds = self.embed(input_ids, pixel_values)
+        if labels is not None and self.training and self.config.answer_token_dropout:
+            input_ids = drop_answer_tokens(input_ids, labels, self.config.answer_token_dropout, self.pad_token_id)
+        embeds = self.embed(input_ids, pixel_values, image_counts)
         inputs = dict(inputs_embeds=embeds, attention_mask=attention_mask,
                       position_ids=positions_from_mask(attention_mask), use_cache=False)
         if labels is None:

@@ -135,8 +135,8 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/shapes_captioner.yaml")
-    p.add_argument("--variants", nargs="+", default=["base", "lm192x3", "lm256x4"], choices=sorted(VARIANTS),
-                   help="built-in variants to run")
+    p.add_argument("--variants", nargs="*", default=["base", "lm192x3", "lm256x4"], choices=sorted(VARIANTS),
+                   help="built-in variants to run (none: only the --variant ones)")
     p.add_argument("--variant", action="append", type=parse_variant, default=[],
                    help='an extra variant: NAME="key=value key=value" (repeatable)')
     p.add_argument("--steps", type=int, default=800, help="training steps per variant (the cosine schedule's length)")

@@ -321,11 +321,12 @@ class TextToImage(nn.Module):
         extra = {}
         if getattr(self.denoiser.config, "class_embed_type", None) == "projection":
             extra["class_labels"] = pooled_text(text, text_mask)
-        # Pipelines' denoisers attend over every padded position, as diffusers' pipelines call them.
+        extra.update(pretrained.denoiser_extras(self.denoiser, len(sample), self.config.image_size, text))
+        # SD pipelines' denoisers attend over every padded position, as diffusers' pipelines call them.
         mask = None if self.text_encoder.config.attend_padding else text_mask
-        return self.denoiser(
-            sample, timestep=timesteps, encoder_hidden_states=text, encoder_attention_mask=mask, **extra
-        ).sample
+        output = self.denoiser(sample, timestep=timesteps, encoder_hidden_states=text, encoder_attention_mask=mask,
+                               **extra).sample
+        return pretrained.without_learned_sigma(self.denoiser, output)  # PixArt's learned variance: not sampled
 
     def forward(self, pixel_values: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
         """The training loss; calling the module (not ``training_loss``) lets DDP/FSDP wrappers sync gradients."""

@@ -3,9 +3,18 @@ add LoRA adapters (peft), and write a trained model back as a diffusers-layout f
 
 What ``DiffusionPipeline.from_pretrained`` reads is what we write: ``model_index.json``, ``unet/`` or
 ``transformer/``, ``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/`` (the sampler mmlm samples with,
-so the pipeline and ``TextToImage.generate`` give the same images), LoRA runs also
-``pytorch_lora_weights.safetensors`` (diffusers' LoRA format: ``pipe.load_lora_weights(folder)``) over the
+so the pipeline and ``TextToImage.generate`` give the same images), LoRA runs also their adapters over the
 untouched base weights, and mmlm's own ``config.json`` beside them (``model_class`` and the training config).
+
+Two pipeline families. Stable-Diffusion style (``unet/``, CLIP): LoRA in diffusers' format,
+``pytorch_lora_weights.safetensors``, which ``pipe.load_lora_weights(folder)`` takes. PixArt style
+(``transformer/``, T5, saved as ``PixArtAlphaPipeline``): diffusers 0.42 has no LoRA loader for it (neither
+``PixArtAlphaPipeline.load_lora_weights`` nor ``PixArtTransformer2DModel.load_lora_adapter`` exist), so the
+adapters go in peft's own format, ``transformer_lora/`` (and ``text_encoder_lora/``), the way PixArt's LoRA
+guide loads them: ``pipe.transformer = PeftModel.from_pretrained(pipe.transformer, folder / "transformer_lora")``.
+PixArt's conventions are kept in training and sampling: the T5 mask reaches the denoiser, prompts are
+lower-cased and padded to 120 tokens, the learned-sigma half of the output is dropped, and the 1024px models get
+their resolution micro-conditions.
 """
 
 from __future__ import annotations
@@ -26,9 +35,16 @@ from mmlm.models.diffusion.config import LoraConfig, TextToImageConfig
 from mmlm.models.diffusion.text_encoder import TextEncoder
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+PEFT_WEIGHTS = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME (beside adapter_config.json)
+PEFT_PREFIX = "base_model.model."  # what PeftModel's keys start with
 DENOISER_PARTS = ("unet", "transformer")
 # The diffusers pipeline class a saved folder names, by its denoiser's folder.
 PIPELINE_CLASSES = {"unet": "StableDiffusionPipeline", "transformer": "PixArtAlphaPipeline"}
+PIXART_MAX_SEQUENCE_LENGTH = 120  # PixArtAlphaPipeline's max_sequence_length default (T5 tokens per prompt)
+
+
+class MissingPartError(ConfigError, FileNotFoundError):
+    """A pipeline folder lacks a part's subfolder: a config error (model.pipeline) about a missing file."""
 
 
 @dataclasses.dataclass
@@ -69,8 +85,8 @@ def _part_class(index: dict, part: str, library, pipeline: str):
 
 def _check_folder(pipeline: str, part: str) -> None:
     if Path(pipeline).is_dir() and not (Path(pipeline) / part).is_dir():
-        raise FileNotFoundError(f"model.pipeline: {Path(pipeline) / part} not found (the pipeline's {part}); "
-                                "add it to the folder or set the part's own key in the model config")
+        raise MissingPartError(f"model.pipeline: {Path(pipeline) / part} not found (the pipeline's {part}); "
+                               "add it to the folder or set the part's own key in the model config")
 
 
 def load_pipeline_parts(config: TextToImageConfig) -> PipelineParts:
@@ -81,7 +97,8 @@ def load_pipeline_parts(config: TextToImageConfig) -> PipelineParts:
         raise ConfigError(f"model.pipeline: {pipeline} has several text encoders (SDXL / SD3 style); mmlm "
                           "fine-tunes pipelines with one text encoder")
     denoiser = _load_denoiser(config, index)
-    text_encoder = _load_text_encoder(config, index)
+    pixart = not isinstance(denoiser, diffusers.UNet2DConditionModel)
+    text_encoder = _load_text_encoder(config, index, pixart)
     vae = _load_vae(config, index)
     noise_scheduler = _load_noise_scheduler(config)
     check_parts_fit(pipeline, denoiser, text_encoder.hidden_size, vae)
@@ -95,6 +112,7 @@ def load_pipeline_parts(config: TextToImageConfig) -> PipelineParts:
         beta_schedule=noise_scheduler.config.beta_schedule,
         num_train_timesteps=noise_scheduler.config.num_train_timesteps,
         text_encoder=text_encoder.config,
+        denoiser=dataclasses.replace(config.denoiser, kind="transformer" if pixart else "unet"),
     )
     shift = getattr(vae.config, "shift_factor", None)
     return PipelineParts(resolved, text_encoder, denoiser, noise_scheduler, vae,
@@ -118,10 +136,13 @@ def _load_denoiser(config: TextToImageConfig, index: dict) -> nn.Module:
     return cls.from_pretrained(path, subfolder=subfolder)
 
 
-def _load_text_encoder(config: TextToImageConfig, index: dict) -> TextEncoder:
+def _load_text_encoder(config: TextToImageConfig, index: dict, pixart: bool) -> TextEncoder:
+    """The pipeline's text encoder as its pipeline runs it: SD's without a mask, every padded position attended;
+    PixArt's with the T5 mask (to the denoiser too), 120 tokens, lower-cased prompts."""
     own = config.text_encoder
     if own.kind == "pretrained" and own.name_or_path != config.pipeline:  # the config's own overrides the pipeline's
         encoder = TextEncoder.from_config(own)
+        encoder.lowercase = pixart
     else:
         for part in ("text_encoder", "tokenizer"):
             _check_folder(config.pipeline, part)
@@ -130,10 +151,13 @@ def _load_text_encoder(config: TextToImageConfig, index: dict) -> TextEncoder:
         model = model_class.from_pretrained(config.pipeline, subfolder="text_encoder")
         tokenizer = tokenizer_class.from_pretrained(config.pipeline, subfolder="tokenizer")
         length = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else own.max_length
+        if pixart:
+            length = min(length, PIXART_MAX_SEQUENCE_LENGTH) if tokenizer.model_max_length < 100_000 \
+                else PIXART_MAX_SEQUENCE_LENGTH
         train_it = own.freeze is False or (config.lora is not None and config.lora.text_encoder)
         te_config = dataclasses.replace(own, kind="pretrained", name_or_path=config.pipeline, max_length=length,
-                                        attend_padding=True, freeze=not train_it)
-        encoder = TextEncoder(model, tokenizer, te_config)
+                                        attend_padding=not pixart, freeze=not train_it)
+        encoder = TextEncoder(model, tokenizer, te_config, lowercase=pixart)
     return encoder
 
 
@@ -170,24 +194,55 @@ def check_parts_fit(pipeline: str, denoiser: nn.Module, text_width: int, vae: Au
                           f"the VAE's latents have {latent} (vae latent_channels); they must match")
 
 
+# ------------------------------------------------------------------------------------------ PixArt's forward
+def denoiser_extras(denoiser: nn.Module, batch: int, image_size: int, like: torch.Tensor) -> dict:
+    """PixArt's resolution and aspect-ratio micro-conditions where the denoiser takes them (the 1024px models,
+    sample size 128), with the values ``PixArtAlphaPipeline`` passes: the square image's pixel size, aspect 1."""
+    if not getattr(denoiser, "use_additional_conditions", False):
+        return {}
+    resolution = torch.tensor([[image_size, image_size]], dtype=like.dtype, device=like.device).repeat(batch, 1)
+    aspect_ratio = torch.ones(batch, 1, dtype=like.dtype, device=like.device)
+    return {"added_cond_kwargs": {"resolution": resolution, "aspect_ratio": aspect_ratio}}
+
+
+def without_learned_sigma(denoiser: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """The prediction half of a learned-sigma denoiser's output (PixArt's: 8 channels for 4 latents), the half
+    ``PixArtAlphaPipeline`` samples with and diffusers' PixArt training scripts train; other outputs as they are."""
+    cfg = denoiser.config
+    if getattr(cfg, "out_channels", None) == 2 * cfg.in_channels:
+        return output.chunk(2, dim=1)[0]
+    return output
+
+
 # ------------------------------------------------------------------------------------------ LoRA
 def add_lora(model: nn.Module, lora: LoraConfig, target_modules) -> None:
-    """Freeze ``model`` and add a trainable peft LoRA adapter on ``target_modules`` (diffusers' and transformers'
-    own ``add_adapter``, as diffusers' LoRA training scripts do)."""
+    """Freeze ``model`` and add a trainable peft LoRA adapter on ``target_modules`` (diffusers' own
+    ``add_adapter`` where the model has one, as diffusers' LoRA training scripts do; peft's injection otherwise)."""
     from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
 
+    _check_targets(model, target_modules)
     model.requires_grad_(False)
     config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.scale_alpha, lora_dropout=lora.dropout,
                             init_lora_weights="gaussian", target_modules=list(target_modules))
-    if isinstance(model, transformers.PreTrainedModel):
-        # What transformers' add_adapter does, without its peft version gate (it asks for a newer peft than
-        # diffusers and our pin need): inject the adapter and record its config where peft looks for it.
-        from peft import inject_adapter_in_model
-
+    if isinstance(model, transformers.PreTrainedModel) or not hasattr(model, "add_adapter"):
+        # transformers' add_adapter asks for a newer peft than diffusers and our pin need, and diffusers'
+        # PixArtTransformer2DModel has none: inject the adapter and record its config where peft looks for it.
         inject_adapter_in_model(config, model, "default")
         model.peft_config = {"default": config}
     else:
         model.add_adapter(config)
+
+
+def _check_targets(model: nn.Module, target_modules) -> None:
+    """A ConfigError naming the key and the model's own linear layers when no target module is in ``model``."""
+    names = [name for name, _ in model.named_modules()]
+    if any(name == t or name.endswith("." + t) for name in names for t in target_modules):
+        return
+    key = "text_encoder_target_modules" if isinstance(model, transformers.PreTrainedModel) else "target_modules"
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    raise ConfigError(f"model.lora.{key}: none of {list(target_modules)} is a layer of {type(model).__name__}; "
+                      f"its linear layers are named {linear}")
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -236,8 +291,7 @@ def save_diffusers_layout(model, path: Path) -> None:
     """Write ``model`` (a TextToImage from a pipeline) as a diffusers pipeline folder; see the module docstring."""
     from mmlm.models.diffusion import sampling
 
-    part = "transformer" if model.config.denoiser.kind == "transformer" or not hasattr(
-        model.denoiser.config, "cross_attention_dim") else "unet"
+    part = "unet" if isinstance(model.denoiser, diffusers.UNet2DConditionModel) else "transformer"
     text_model, tokenizer = model.text_encoder.model, model.text_encoder.tokenizer
     sampler = sampling.make_sampler(model.noise_scheduler, model.config.scheduler)
     vae = model.vae
@@ -260,11 +314,28 @@ def save_diffusers_layout(model, path: Path) -> None:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False,
                      image_encoder=[None, None])
     (path / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    save_lora(model, path)
+    if part == "unet":
+        save_lora(model, path)
+    else:
+        save_peft_adapters(model, path)
 
 
 def _library_of(obj) -> str:
     return type(obj).__module__.split(".")[0]
+
+
+def save_peft_adapters(model, path: Path) -> None:
+    """A PixArt pipeline's adapters in peft's format: ``transformer_lora/`` and ``text_encoder_lora/``, each
+    ``adapter_config.json`` + ``adapter_model.safetensors``, what ``PeftModel.from_pretrained(part, folder)`` reads."""
+    from peft.utils import get_peft_model_state_dict
+
+    for name, module in (("transformer", model.denoiser), ("text_encoder", model.text_encoder.model)):
+        if not has_lora(module):
+            continue
+        folder = path / f"{name}_lora"
+        module.peft_config["default"].save_pretrained(folder)
+        state = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in get_peft_model_state_dict(module).items()}
+        save_file(state, folder / PEFT_WEIGHTS, metadata={"format": "pt"})
 
 
 def save_lora(model, path: Path) -> None:
@@ -285,11 +356,14 @@ def save_lora(model, path: Path) -> None:
 
 
 def load_lora(model, path: Path) -> None:
-    """Put the adapters of ``path``'s LoRA file back on ``model`` (built with the same ``config.lora``)."""
+    """Put the adapters of ``path``'s LoRA file (or a PixArt folder's peft adapters) back on ``model`` (built with
+    the same ``config.lora``)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    if not isinstance(model.denoiser, diffusers.UNet2DConditionModel):
+        load_peft_adapters(model, path)
+        return
     state = load_file(str(path / LORA_WEIGHTS))
     for prefix, module in (("unet.", model.denoiser), ("text_encoder.", model.text_encoder.model)):
         part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -304,10 +378,32 @@ def load_lora(model, path: Path) -> None:
             from diffusers.utils import convert_state_dict_to_peft
 
             part = convert_state_dict_to_peft(part)
-        result = set_peft_model_state_dict(module, part)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise ValueError(f"{path / LORA_WEIGHTS}: weights the adapter does not have: {unexpected[:5]}")
+        _set_adapter(module, part, path / LORA_WEIGHTS)
+
+
+def _set_adapter(module: nn.Module, state: dict, source: Path) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(module, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"{source}: weights the adapter does not have: {unexpected[:5]}")
+
+
+def load_peft_adapters(model, path: Path) -> None:
+    """Read back what ``save_peft_adapters`` wrote; a part with an adapter but no folder is an error naming it."""
+    from safetensors.torch import load_file
+
+    for name, module in (("transformer", model.denoiser), ("text_encoder", model.text_encoder.model)):
+        weights = path / f"{name}_lora" / PEFT_WEIGHTS
+        if not has_lora(module):
+            if weights.is_file():
+                raise ValueError(f"{weights}: {name} LoRA weights but model.lora does not put an adapter there")
+            continue
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found: model.lora puts an adapter on the {name}")
+        state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in load_file(str(weights)).items()}
+        _set_adapter(module, state, weights)
 
 
 # ------------------------------------------------------------------------------------------ from-scratch models

@@ -69,14 +69,17 @@ class TextEncoder(nn.Module):
 
     ``forward(captions)`` returns ``(hidden [B, max_length, hidden_size], mask [B, max_length])``.
     When frozen, results are cached per caption string (on CPU) and computed without gradients.
+    ``lowercase``: every caption lower-cased and stripped first, as ``PixArtAlphaPipeline`` treats prompts
+    (``clean_caption=False``), so training and the saved pipeline see the same text.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: TextEncoderConfig,
-                 freeze_weights: bool = True):
+                 freeze_weights: bool = True, lowercase: bool = False):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        self.lowercase = lowercase
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if config.frozen and freeze_weights:
             self.model.requires_grad_(False)
@@ -203,6 +206,8 @@ class TextEncoder(nn.Module):
         return hidden, mask
 
     def forward(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lowercase:
+            captions = [c.lower().strip() for c in captions]
         if not self.frozen:
             return self._run(captions)
         missing = list(dict.fromkeys(c for c in captions if c not in self._cache))

@@ -90,10 +90,11 @@ DIFFUSERS_ONLY = textwrap.dedent("""
 """)
 
 
-def diffusers_image(tmp_path, folder, lora=False) -> torch.Tensor:
-    """The image StableDiffusionPipeline makes from ``folder`` in a process where ``import mmlm`` fails."""
+def diffusers_image(tmp_path, folder, lora=False, script=DIFFUSERS_ONLY) -> torch.Tensor:
+    """The image StableDiffusionPipeline makes from ``folder`` in a process where ``import mmlm`` fails (or what
+    ``script``, taking the same arguments, saves)."""
     out = tmp_path / "image.pt"
-    subprocess.run([sys.executable, "-c", DIFFUSERS_ONLY, str(folder), "lora" if lora else "-", str(out), PROMPT, str(STEPS),
+    subprocess.run([sys.executable, "-c", script, str(folder), "lora" if lora else "-", str(out), PROMPT, str(STEPS),
                     str(GUIDANCE), str(SEED)], check=True, capture_output=True, text=True, timeout=600)
     return torch.load(out)
 

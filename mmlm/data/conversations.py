@@ -15,7 +15,8 @@ its line and its image file(s): an ``<image>`` count that does not match the ima
 unknown role, an empty message, a missing image file. Under ``on_bad_row="skip"`` bad rows are left out and
 listed in ``ConversationSet.skipped`` as ``{"source", "image", "reason"}``.
 
-``ConversationDataset`` decodes the images of each conversation safely (``on_bad_image`` as for captions).
+``ConversationDataset`` decodes the images of each conversation safely (``on_bad_image`` as for captions);
+``collate_conversations`` batches its items, one or several images each (up to the model's ``max_images``).
 ``caption_conversation`` turns a plain caption record (with its optional per-sample ``prompt``) into the same
 form, so caption manifests and conversations train through one path.
 """
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import torch
 from torch.utils.data import Dataset
 
 from .datasets import BAD_IMAGE_POLICIES, SkipLog, WorkerProgress
@@ -348,7 +350,28 @@ class ConversationDataset(Dataset):
         raise DataError(f"every one of the {n} conversations has a bad image; first skipped: {self.skipped[:3]}")
 
 
+def collate_conversations(samples: list[dict]) -> dict:
+    """A batch of conversation items: every key a list, except ``pixel_values``.
+
+    Every sample with one image (a tensor, or a list of one): ``pixel_values`` is their stack, one row per
+    sample, and there is no ``image_counts`` (the single-image path). Otherwise ``pixel_values`` holds all
+    images of the batch flattened in sample order (stacked when they are tensors; None when there are none)
+    and ``image_counts[i]`` says how many are sample i's.
+    """
+    if not samples:
+        raise ValueError("collate_conversations: an empty batch")
+    out = {key: [item[key] for item in samples] for key in samples[0]}
+    groups = [list(p) if isinstance(p, (list, tuple)) else [p] for p in out["pixel_values"]]
+    counts = [len(g) for g in groups]
+    images = [image for group in groups for image in group]
+    stack = bool(images) and all(isinstance(image, torch.Tensor) for image in images)
+    out["pixel_values"] = torch.stack(images) if stack else images or None
+    if any(count != 1 for count in counts):
+        out["image_counts"] = counts
+    return out
+
+
 __all__ = ["BAD_ROW_POLICIES", "BadRowError", "Conversation", "ConversationDataset", "ConversationSet", "IMAGE_TOKEN",
            "ROLES",
-           "caption_conversation", "parse_conversation", "read_conversations", "record_prompt",
-           "scan_conversations"]
+           "caption_conversation", "collate_conversations", "parse_conversation", "read_conversations",
+           "record_prompt", "scan_conversations"]

@@ -223,17 +223,30 @@ def encode_prompt(model: VisionLanguageModel, messages: Sequence[dict], num_imag
                            num_image_tokens=model.num_image_tokens, start_token_id=_start_id(model)).input_ids
 
 
-def prepare_conversations(model: VisionLanguageModel, pixel_values: torch.Tensor,
-                          conversations: Sequence[Sequence[dict]]) -> dict[str, torch.Tensor]:
-    """Training tensors (right-padded) for one image per conversation: loss on the assistant turns only.
-    Each sample is cut to ``model.max_length`` text tokens; one with no trained token left raises ValueError."""
-    if pixel_values.shape[0] != len(conversations):
-        raise ValueError(f"prepare_conversations: {pixel_values.shape[0]} images for {len(conversations)} "
-                         "conversations; expected one image per conversation")
-    rows, label_rows = [], []
-    for i, messages in enumerate(conversations):
-        sample = encode_conversation(model, messages, 1)
-        sample = sample.truncate(model.config.max_length + sample.input_ids.count(model.image_token_id))
+def prepare_conversations(model: VisionLanguageModel, pixel_values: torch.Tensor | None,
+                          conversations: Sequence[Sequence[dict]], image_counts: Sequence[int] | None = None
+                          ) -> dict[str, torch.Tensor]:
+    """Training tensors (right-padded), loss on the assistant turns only. ``pixel_values``: one image per
+    conversation, or with ``image_counts`` all the batch's images in conversation order (``image_counts[i]``, at
+    most ``model.max_images``, of them conversation i's, placed by its ``<image>`` markers); the output then has
+    ``image_counts`` too (not when every conversation has one image: the single-image path stays as it is).
+    Each sample is cut to ``model.max_length`` text tokens; one with no trained token left, or cut inside its
+    images, raises ValueError."""
+    n, total = len(conversations), 0 if pixel_values is None else len(pixel_values)
+    counts = [1] * n if image_counts is None else [int(c) for c in image_counts]
+    if len(counts) != n or sum(counts) != total:
+        raise ValueError(f"prepare_conversations: {total} images for {n} conversations with image_counts "
+                         f"{image_counts}; expected one image per conversation or image_counts adding up to {total}")
+    limit, rows, label_rows = model.config.max_images, [], []
+    for i, (messages, k) in enumerate(zip(conversations, counts)):
+        if k > limit:
+            raise ValueError(f"conversation {i}: {k} images, more than model.max_images={limit}")
+        sample = encode_conversation(model, messages, k)
+        placeholders = sample.input_ids.count(model.image_token_id)
+        sample = sample.truncate(model.config.max_length + placeholders)
+        if sample.input_ids.count(model.image_token_id) != placeholders:
+            raise ValueError(f"conversation {i}: max_length={model.config.max_length} text tokens end inside its "
+                             f"{k} images; raise model.max_length")
         if sample.first_label is None:
             raise ValueError(f"conversation {i}: no assistant token within max_length={model.config.max_length} "
                              "text tokens; raise model.max_length")
@@ -241,9 +254,12 @@ def prepare_conversations(model: VisionLanguageModel, pixel_values: torch.Tensor
         label_rows.append(sample.labels)
     input_ids, attention_mask = tokens_to_tensor(rows, model.pad_token_id, left=False)
     labels, _ = tokens_to_tensor(label_rows, IGNORE_INDEX, left=False)
-    device = pixel_values.device
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-            "labels": labels.to(device), "pixel_values": pixel_values}
+    device = pixel_values.device if pixel_values is not None else model.device
+    out = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+           "labels": labels.to(device), "pixel_values": pixel_values}
+    if image_counts is not None and any(c != 1 for c in counts):
+        out["image_counts"] = counts
+    return out
 
 
 def _generation(model: VisionLanguageModel, options: dict):
@@ -259,45 +275,65 @@ def chat(model: VisionLanguageModel, images: Any, messages: Sequence[dict], stre
     ``stream=True`` an iterator of text pieces. ``options``: generation options (``generation.resolve_config``)."""
     from mmlm.models.inference import eval_mode
 
-    images = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
-    if len(images) > 1:
-        raise ValueError(f"chat: {len(images)} images; this model takes one image per conversation")
+    images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+    _check_image_limit(model, len(images), "chat")
     options.setdefault("max_new_tokens", 64)
     generation, config, stops = _generation(model, options)
     row = encode_prompt(model, messages, len(images))
     pixels = model.pixel_values(images) if images else None
+    counts = None if len(images) == 1 else [len(images)]
     if stream:
-        return generation.stream(model, row, pixels, config, stops)
+        return generation.stream(model, row, pixels, config, stops, image_counts=counts)
     with eval_mode(model):
-        return generation._texts(model, generation.generate_rows(model, [row], pixels, config, stops))[0]
+        rows = generation.generate_rows(model, [row], pixels, config, stops, image_counts=counts)
+        return generation._texts(model, rows)[0]
+
+
+def _check_image_limit(model: VisionLanguageModel, n: int, where: str) -> None:
+    if n > model.config.max_images:
+        raise ValueError(f"{where}: {n} images for one conversation, more than model.max_images="
+                         f"{model.config.max_images}")
 
 
 def answer_pixels(model: VisionLanguageModel, pixel_values: torch.Tensor, questions: Sequence[str],
-                  **options) -> list[str]:
-    """Short answers to one question per preprocessed image, batched (greedy unless told otherwise)."""
+                  image_counts: Sequence[int] | None = None, **options) -> list[str]:
+    """Short answers to one question per preprocessed image, batched (greedy unless told otherwise). With
+    ``image_counts``: ``pixel_values`` holds every question's images in order, ``image_counts[i]`` for question i
+    (its ``<image>`` markers place them; missing ones go first)."""
     from mmlm.models.inference import eval_mode
 
-    if len(questions) != pixel_values.shape[0]:
-        raise ValueError(f"answer: {len(questions)} questions for {pixel_values.shape[0]} images; expected one each")
+    total = 0 if pixel_values is None else pixel_values.shape[0]
+    counts = [1] * len(questions) if image_counts is None else [int(c) for c in image_counts]
+    if len(counts) != len(questions) or sum(counts) != total:
+        raise ValueError(f"answer: {len(questions)} questions for {total} images (image_counts "
+                         f"{image_counts}); expected one image per question or image_counts adding up to the images")
+    for k in counts:
+        _check_image_limit(model, k, "answer")
     options.setdefault("max_new_tokens", 16)
     generation, config, stops = _generation(model, options)
-    rows = [encode_prompt(model, [{"role": "user", "content": q}], 1) for q in questions]
+    rows = [encode_prompt(model, [{"role": "user", "content": q}], k) for q, k in zip(questions, counts)]
+    counts = None if all(k == 1 for k in counts) else counts
+    pixels = None if pixel_values is None else pixel_values.to(model.device)
     with eval_mode(model):
-        return generation._texts(model, generation.generate_rows(model, rows, pixel_values.to(model.device),
-                                                                 config, stops))
+        return generation._texts(model, generation.generate_rows(model, rows, pixels, config, stops,
+                                                                 image_counts=counts))
 
 
 def answer(model: VisionLanguageModel, images: Any, questions: str | Sequence[str], batch_size: int = 32,
            progress: bool = False, **options) -> list[str]:
-    """``VisionLanguageModel.answer``: one question for all images or one per image."""
+    """``VisionLanguageModel.answer``: one question for all images or one per image; an item of ``images`` that
+    is itself a list is one question's several images (``[[a, b], c]``: two images for the first question)."""
     from mmlm.models.inference import as_image_list, batch_starts
 
-    images = as_image_list(images)
-    questions = [questions] * len(images) if isinstance(questions, str) else list(questions)
-    if len(questions) != len(images):
-        raise ValueError(f"questions: {len(questions)} for {len(images)} images; give one or one per image")
+    groups = [list(g) if isinstance(g, (list, tuple)) else [g] for g in as_image_list(images)]
+    questions = [questions] * len(groups) if isinstance(questions, str) else list(questions)
+    if len(questions) != len(groups):
+        raise ValueError(f"questions: {len(questions)} for {len(groups)} images; give one or one per image")
     out: list[str] = []
-    for start in batch_starts(len(images), batch_size, progress, "answer"):
-        out += answer_pixels(model, model.pixel_values(images[start:start + batch_size]),
-                             questions[start:start + batch_size], **dict(options))
+    for start in batch_starts(len(groups), batch_size, progress, "answer"):
+        batch = groups[start:start + batch_size]
+        counts, flat = [len(g) for g in batch], [im for g in batch for im in g]
+        out += answer_pixels(model, model.pixel_values(flat) if flat else None,
+                             questions[start:start + batch_size],
+                             image_counts=None if all(k == 1 for k in counts) else counts, **dict(options))
     return out

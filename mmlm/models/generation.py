@@ -166,12 +166,14 @@ def _texts(model: VisionLanguageModel, rows: list[list[int]]) -> list[str]:
 
 @torch.inference_mode()  # returns token ids as lists: no inference tensor leaks out
 def generate_rows(model: VisionLanguageModel, prefix_rows: list[list[int]], pixel_values: torch.Tensor | None,
-                  config: GenerationConfig, stop_token_ids: Sequence[int] = (), streamer=None) -> list[list[int]]:
-    """New token ids after each of ``prefix_rows`` (with their images when ``pixel_values``), under ``config``
-    (see ``resolve_config``); ``num_return_sequences`` rows per prompt, in order."""
+                  config: GenerationConfig, stop_token_ids: Sequence[int] = (), streamer=None,
+                  image_counts: Sequence[int] | None = None) -> list[list[int]]:
+    """New token ids after each of ``prefix_rows`` (with their images when ``pixel_values``: one per row, or
+    ``image_counts[i]`` for row i, as ``VisionLanguageModel.embed`` takes them), under ``config`` (see
+    ``resolve_config``); ``num_return_sequences`` rows per prompt, in order."""
     input_ids, attention_mask = tokens_to_tensor(prefix_rows, model.pad_token_id, left=True)
     input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
-    embeds = model.embed(input_ids, pixel_values)
+    embeds = model.embed(input_ids, pixel_values, image_counts)
     max_new_tokens = config.max_new_tokens if config.max_new_tokens is not None else 32
     if uses_fast_loop(config):
         return decode(model, embeds, attention_mask, max_new_tokens, bool(effective(config, "do_sample")),
@@ -192,7 +194,8 @@ def generate(model: VisionLanguageModel, prefix_rows: list[list[int]], pixel_val
 
 
 def stream(model: VisionLanguageModel, prefix_row: list[int], pixel_values: torch.Tensor | None,
-           config: GenerationConfig, stop_token_ids: Sequence[int] = (), timeout: float = 600.0) -> Iterator[str]:
+           config: GenerationConfig, stop_token_ids: Sequence[int] = (), timeout: float = 600.0,
+           image_counts: Sequence[int] | None = None) -> Iterator[str]:
     """Text pieces of one continuation as they are generated (a worker thread decodes; transformers'
     ``TextIteratorStreamer`` hands the pieces over). An error in the worker is raised here."""
     if effective(config, "num_return_sequences") != 1 or effective(config, "num_beams") != 1:
@@ -203,7 +206,7 @@ def stream(model: VisionLanguageModel, prefix_row: list[int], pixel_values: torc
     def work():
         try:
             with eval_mode(model):
-                generate_rows(model, [prefix_row], pixel_values, config, stop_token_ids, streamer)
+                generate_rows(model, [prefix_row], pixel_values, config, stop_token_ids, streamer, image_counts)
         except BaseException as err:  # noqa: BLE001  (re-raised in the consuming thread)
             failure.append(err)
             streamer.end()

@@ -130,11 +130,45 @@ def join_answer(prompt: str, answer: str) -> str:
 
 
 def check_prompt(prompt: str, where: str) -> None:
-    """A prompt is a string with at most one ``<image>`` marker (one image per sample)."""
+    """A caption / classify prompt is a string with at most one ``<image>`` marker (one image per sample;
+    conversations take several, ``mmlm.models.chat``)."""
     if not isinstance(prompt, str):
         raise TypeError(f"{where}: expected str, got {type(prompt).__name__}")
     if prompt.count(IMAGE_TOKEN) > 1:
         raise ValueError(f"{where}: at most one '{IMAGE_TOKEN}' per prompt (one image per sample), got {prompt!r}")
+
+
+def check_image_counts(image_mask: torch.Tensor, num_images: int, num_image_tokens: int,
+                       image_counts: Sequence[int] | torch.Tensor | None = None) -> None:
+    """Check that a batch's image placeholders (``image_mask``: [batch, length]) fit its ``num_images`` images.
+
+    ``image_counts=None``: one image per sample, each with ``num_image_tokens`` placeholders (the single-image
+    path: no per-sample bookkeeping). Otherwise the images are the batch's in sample order, ``image_counts[i]``
+    of them sample i's (0 allowed), and sample i holds ``image_counts[i] x num_image_tokens`` placeholders.
+    Raises ValueError naming the first sample that does not fit.
+    """
+    batch = image_mask.shape[0]
+    if image_counts is None:
+        if num_images != batch:
+            raise ValueError(f"pixel_values: {num_images} images for {batch} samples; pass image_counts "
+                             "(images per sample) for several or no images per sample")
+        counts = image_mask.sum(1)
+        if (counts != num_image_tokens).any():
+            raise ValueError(f"each sample needs exactly {num_image_tokens} '{IMAGE_TOKEN}' ids, "
+                             f"got {counts.tolist()}; build inputs with prepare_batch")
+        return
+    expected = torch.as_tensor(image_counts, dtype=torch.long).cpu()
+    if expected.shape != (batch,):
+        raise ValueError(f"image_counts: expected one count per sample ({batch}), got {expected.tolist()}")
+    if int(expected.sum()) != num_images:
+        raise ValueError(f"image_counts {expected.tolist()} add up to {int(expected.sum())} images, but "
+                         f"pixel_values holds {num_images}")
+    found = image_mask.sum(1).cpu()
+    bad = (found != expected * num_image_tokens).nonzero().flatten().tolist()
+    if bad:
+        i, n = bad[0], int(expected[bad[0]])
+        raise ValueError(f"sample {i}: {int(found[i])} '{IMAGE_TOKEN}' ids for {n} image(s); expected {n} x "
+                         f"{num_image_tokens} = {n * num_image_tokens} (one '{IMAGE_TOKEN}' marker per image)")
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,11 @@
 Data: ``data.source: shapes`` gives the embedded question families over the shapes scenes
 (``mmlm.data.vqa.ShapesVQADataset``: train / val / test / compositional); a path gives conversation files (LLaVA
 JSON / JSONL or the HF chat form, ``mmlm.data.conversations``; ``val_source`` / ``test_source`` for the other
-splits, ``data.on_bad_row`` skipping bad rows when set to "skip"). Every sample is rendered with the model's chat
-template (``mmlm.models.chat``), the same rendering ``vlm.chat`` and ``vlm.answer`` use. Evaluation asks each
-question (greedy), scores VQAv2-style accuracy (``mmlm.eval.vqa_metrics``) overall and per family and language.
+splits, ``data.on_bad_row`` skipping bad rows when set to "skip"); a conversation holds up to
+``model.max_images`` images, one ``<image>`` marker each, and a batch may mix counts (``collate_conversations``).
+Every sample is rendered with the model's chat template (``mmlm.models.chat``), the same rendering ``vlm.chat``
+and ``vlm.answer`` use. Evaluation asks each question (greedy), scores VQAv2-style accuracy
+(``mmlm.eval.vqa_metrics``) overall and per family and language.
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ ANSWER_TOKENS = 8  # new tokens per generated answer in evaluation
 
 
 def collate_vqa(samples: list[dict]) -> dict:
-    """Stack the (one per sample) image tensors; every other key becomes a list. A conversation item's
-    ``pixel_values`` is a list of images: one is expected here."""
-    out = {key: [item[key] for item in samples] for key in samples[0]}
-    pixels = [p[0] if isinstance(p, list) else p for p in out["pixel_values"]]
-    for item, p in zip(samples, out["pixel_values"]):
-        if isinstance(p, list) and len(p) != 1:
-            raise ValueError(f"{item.get('source', 'sample')}: {len(p)} images; the VQA task takes one per sample")
-    out["pixel_values"] = torch.stack(pixels) if isinstance(pixels[0], torch.Tensor) else pixels
-    return out
+    """``collate_conversations``: one image per sample stacked as they come; a batch with any other number gets
+    all its images in sample order and ``image_counts``."""
+    from mmlm.data.conversations import collate_conversations
+
+    return collate_conversations(samples)
+
+
+def first_images(batch: dict) -> list:
+    """Each sample's first image (None for a sample without one), for the example grid."""
+    counts = batch.get("image_counts") or [1] * len(batch["answers"])
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [batch["pixel_values"][s] if k else None for s, k in zip(starts, counts)]
 
 
 class ConversationEvalView(Dataset):
@@ -81,7 +86,7 @@ class VQATask(VisionLanguageTask):
 
         def read(path: str) -> Dataset:
             found = read_conversations(path, on_bad_row=policy, allow_absolute_paths=data.allow_absolute_paths)
-            return _TransformableConversations(found.conversations, data)
+            return _TransformableConversations(found.conversations, data, max_images=self.config.model.max_images)
 
         splits = {"train": read(data.source)}
         for split, path in (("val", data.val_source), ("test", data.test_source)):
@@ -115,7 +120,8 @@ class VQATask(VisionLanguageTask):
         if "model_inputs" not in batch:
             from mmlm.models.chat import prepare_conversations
 
-            batch["model_inputs"] = prepare_conversations(unwrap(model), batch["pixel_values"], batch["messages"])
+            batch["model_inputs"] = prepare_conversations(unwrap(model), batch["pixel_values"], batch["messages"],
+                                                          batch.get("image_counts"))
         return batch["model_inputs"]
 
     def evaluate(self, model, dataset, out_dir: Path, split: str) -> dict[str, float]:
@@ -128,8 +134,10 @@ class VQATask(VisionLanguageTask):
             if cfg.eval.max_samples is not None and len(predictions) >= cfg.eval.max_samples:
                 break
             if "prompt_messages" in batch:
-                rows = [chat.encode_prompt(model, m, 1) for m in batch["prompt_messages"]]
-                predictions += _generate(model, rows, batch["pixel_values"])
+                counts = batch.get("image_counts")
+                rows = [chat.encode_prompt(model, m, k) for m, k in
+                        zip(batch["prompt_messages"], counts or [1] * len(batch["prompt_messages"]))]
+                predictions += _generate(model, rows, batch["pixel_values"], counts)
                 questions += [m[-1]["content"] for m in batch["prompt_messages"]]
             else:
                 predictions += model.answer_pixels(batch["pixel_values"], batch["question"],
@@ -139,7 +147,7 @@ class VQATask(VisionLanguageTask):
             families += batch["family"]
             languages += batch["language"]
             if len(images) < cfg.eval.num_examples:
-                images += list(batch["pixel_values"][: cfg.eval.num_examples - len(images)])
+                images += [im for im in first_images(batch) if im is not None][: cfg.eval.num_examples - len(images)]
         if cfg.eval.max_samples is not None:
             del predictions[cfg.eval.max_samples:], answers[cfg.eval.max_samples:]
             del families[cfg.eval.max_samples:], languages[cfg.eval.max_samples:]
@@ -154,30 +162,31 @@ class VQATask(VisionLanguageTask):
         return metrics
 
 
-def _generate(model, rows: list[list[int]], pixel_values: torch.Tensor) -> list[str]:
+def _generate(model, rows: list[list[int]], pixel_values: torch.Tensor | None, image_counts=None) -> list[str]:
     from mmlm.models import chat, generation
 
     config = generation.resolve_config(model, max_new_tokens=ANSWER_TOKENS, do_sample=False, num_beams=1)
     stops = chat.stop_token_ids(model.tokenizer, getattr(model.config, "chat_template", "auto"))
-    rows = generation.generate_rows(model, rows, pixel_values.to(model.device), config, stops)
+    pixels = None if pixel_values is None else pixel_values.to(model.device)
+    rows = generation.generate_rows(model, rows, pixels, config, stops, image_counts=image_counts)
     return generation._texts(model, rows)
 
 
 class _TransformableConversations(Dataset):
     """ConversationDataset over read conversations, rebuilt per image transform (the data policy applied)."""
 
-    def __init__(self, conversations, data, transform=None):
+    def __init__(self, conversations, data, transform=None, max_images: int | None = None):
         from mmlm.data.conversations import ConversationDataset
 
-        self.conversations, self.data = conversations, data
+        self.conversations, self.data, self.max_images = conversations, data, max_images
         self.dataset = ConversationDataset(conversations, transform, on_bad_image=data.on_bad_image,
-                                           max_pixels=data.max_image_pixels)
+                                           max_pixels=data.max_image_pixels, max_images=max_images)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def with_transform(self, transform):
-        return _TransformableConversations(self.conversations, self.data, transform)
+        return _TransformableConversations(self.conversations, self.data, transform, self.max_images)
 
     def __getitem__(self, index: int) -> dict:
         return self.dataset[index]

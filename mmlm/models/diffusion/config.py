@@ -7,10 +7,13 @@ checked without building anything.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from mmlm.config import ConfigError
 
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++")  # the classes are in sampling.SAMPLERS
+FLOW_SAMPLER_NAMES = ("euler", "heun", "dpm++")  # a flow model's (flow.FLOW_SAMPLERS); dpm++ with flow sigmas
+OBJECTIVES = ("diffusion", "flow")
 SPACES = ("pixel", "patch", "latent")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TEXT_ENCODER_KINDS = ("scratch", "pretrained", "lm")
@@ -148,6 +151,24 @@ class DenoiserConfig:
 
 
 @dataclasses.dataclass
+class FlowConfig:
+    """Rectified flow's time distribution (SD3, Esser et al. 2024): ``t = sigmoid(N(logit_mean, logit_std))``,
+    then shifted ``shift t / (1 + (shift - 1) t)`` in training and sampling alike (> 1: more noise)."""
+
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+
+    def __post_init__(self):
+        if not math.isfinite(self.logit_mean):
+            raise ConfigError(f"model.flow.logit_mean: expected a finite number, got {self.logit_mean}")
+        if not (math.isfinite(self.logit_std) and self.logit_std > 0):
+            raise ConfigError(f"model.flow.logit_std: expected a finite number > 0, got {self.logit_std}")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ConfigError(f"model.flow.shift: expected a finite number > 0, got {self.shift}")
+
+
+@dataclasses.dataclass
 class LoraConfig:
     """LoRA adapters (peft, saved in diffusers' LoRA format) on the denoiser's attention, optionally the text encoder's.
 
@@ -183,6 +204,11 @@ class TextToImageConfig:
     unless ``denoiser.name_or_path`` / ``text_encoder`` (kind pretrained) / ``vae.name_or_path`` /
     ``prediction_type`` / ``beta_schedule`` / ``image_size`` are set. Left null, ``space``, ``image_size``,
     ``prediction_type`` and ``beta_schedule`` take the from-scratch defaults of ``SCRATCH_DEFAULTS``.
+
+    ``objective``: ``diffusion`` (DDPM schedule, epsilon or v, min-SNR) or ``flow`` (rectified flow, ``flow.py``:
+    ``x_t = (1 - t) x0 + t noise``, target ``noise - x0``, times from ``model.flow``; from scratch only, and
+    ``prediction_type``, ``snr_gamma`` and ``beta_schedule`` do not apply). ``scheduler`` defaults to ``dpm++``
+    for diffusion and ``euler`` for flow.
     """
 
     pipeline: str | None = None
@@ -195,6 +221,8 @@ class TextToImageConfig:
     denoiser: DenoiserConfig = dataclasses.field(default_factory=DenoiserConfig)
     text_encoder: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
     vae: AutoencoderConfig | None = dataclasses.field(default_factory=AutoencoderConfig)  # latent space only
+    objective: str = "diffusion"  # diffusion | flow
+    flow: FlowConfig | None = None  # objective flow only; its defaults when left null
     prediction_type: str | None = None  # epsilon | v_prediction; v from scratch, the pipeline scheduler's otherwise
     snr_gamma: float | None = 5.0  # min-SNR loss weighting; None = plain MSE
     caption_dropout: float = 0.1  # p(caption -> "") in training, for classifier-free guidance
@@ -204,7 +232,7 @@ class TextToImageConfig:
     # Shifts the schedule's log-SNR by -2 log(noise_shift) (Simple Diffusion, Hoogeboom et al. 2023): more noise,
     # so that more steps decide the global layout; 2 gives a 32x32 image the noise levels a 16x16 one sees.
     noise_shift: float = 1.0
-    scheduler: str = "dpm++"  # default sampler: ddpm | ddim | dpm++
+    scheduler: str | None = None  # default sampler: ddpm | ddim | dpm++ (diffusion), euler | heun | dpm++ (flow)
     num_inference_steps: int = 20
     guidance_scale: float = 2.0
     random_flip: bool = False  # train-time horizontal flip (off: captions may say left/right)
@@ -238,8 +266,7 @@ class TextToImageConfig:
             raise ConfigError(
                 f"model.prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
             )
-        if self.scheduler not in SAMPLER_NAMES:
-            raise ConfigError(f"model.scheduler: expected one of {list(SAMPLER_NAMES)}, got {self.scheduler!r}")
+        self._check_objective()
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"model.caption_dropout: expected 0 <= p < 1, got {self.caption_dropout}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
@@ -248,3 +275,26 @@ class TextToImageConfig:
             raise ConfigError(f"model.noise_shift: expected > 0, got {self.noise_shift}")
         if self.image_size is not None and self.image_size < 8:
             raise ConfigError(f"model.image_size: expected >= 8, got {self.image_size}")
+
+    def _check_objective(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"model.objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+        flow = self.objective == "flow"
+        if self.scheduler is None:
+            self.scheduler = "euler" if flow else "dpm++"
+        names = FLOW_SAMPLER_NAMES if flow else SAMPLER_NAMES
+        if self.scheduler not in names:
+            raise ConfigError(f"model.scheduler: expected one of {list(names)} for objective {self.objective!r}, "
+                              f"got {self.scheduler!r}")
+        if not flow:
+            if self.flow is not None:
+                raise ConfigError("model.flow: set only with model.objective: flow (the objective is 'diffusion')")
+            return
+        if self.flow is None:
+            self.flow = FlowConfig()
+        if self.pipeline is not None:
+            raise ConfigError("model.objective: flow trains from-scratch generators only; a pipeline "
+                              f"(model.pipeline={self.pipeline!r}) keeps its own noise schedule and objective")
+        if self.noise_shift != 1.0:
+            raise ConfigError(f"model.noise_shift: a DDPM-schedule shift; a flow model shifts its times with "
+                              f"model.flow.shift (got noise_shift {self.noise_shift})")

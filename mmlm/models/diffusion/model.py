@@ -6,7 +6,7 @@ cost of a network running at 1/patch_size the resolution, as in Simple Diffusion
 (through a diffusers ``AutoencoderKL``). The denoiser is a ``UNet2DConditionModel`` (cross-attention on
 the text tokens, optionally also the pooled text added to the timestep embedding, which conditions every
 ResNet block) or a ``PixArtTransformer2DModel`` (DiT with cross-attention on text); epsilon or
-v-prediction with optional min-SNR weighting and caption dropout for classifier-free guidance. Sampling
+v-prediction with optional min-SNR weighting (or rectified flow, ``flow.py``) and caption dropout for CFG. Sampling
 (schedulers, CFG, ``generate``) lives in ``sampling.py``; loading a pretrained pipeline in ``pretrained.py``.
 Longer than 400 lines by a few: the three spaces' encode/decode sit beside the loss that uses them.
 
@@ -37,7 +37,7 @@ from PIL import Image
 from torch import nn
 
 from mmlm.config import ConfigError, from_dict, to_dict
-from mmlm.models.diffusion import pretrained, sampling
+from mmlm.models.diffusion import flow, pretrained, sampling
 from mmlm.models.diffusion.autoencoder import build_autoencoder, train_autoencoder
 from mmlm.models.diffusion.config import DenoiserConfig, TextToImageConfig
 from mmlm.models.diffusion.text_encoder import TextEncoder, check_prompts
@@ -203,7 +203,7 @@ class TextToImage(nn.Module):
         denoiser_class = PixArtTransformer2DModel if config.denoiser.kind == "transformer" else UNet2DConditionModel
         denoiser = denoiser_class.from_pretrained(path / "denoiser")
         vae = AutoencoderKL.from_pretrained(path / "vae") if config.space == "latent" else None
-        scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+        scheduler = sampling.load_noise_scheduler(config, path / "scheduler")
         return cls(config, text_encoder, denoiser, scheduler, vae, meta["latent_scale"])
 
     @classmethod
@@ -357,6 +357,9 @@ class TextToImage(nn.Module):
         if self.config.noise_offset:  # per image and channel (Guttenberg's offset noise, as diffusers' scripts)
             noise = noise + self.config.noise_offset * torch.randn(*x0.shape[:2], 1, 1, device=x0.device,
                                                                    dtype=x0.dtype)
+        if self.config.objective == "flow":  # rectified flow (flow.py): logit-normal times, velocity target
+            times = flow.sample_times(len(x0), self.config.flow, device=x0.device)
+            return flow.loss(self.predict, x0, noise, times, text, text_mask, self.config.num_train_timesteps)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(x0),), device=x0.device)
         noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
         if self.config.prediction_type == "epsilon":

@@ -5,17 +5,39 @@ Self-contained on purpose (torch, diffusers and transformers only, never mmlm): 
 copies this file into the saved folder as ``mmlm_pipeline.py`` and names it in ``model_index.json``, so
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads and samples the model without mmlm,
 the same images as ``TextToImage.generate`` for the same seed, steps and guidance (one generator per image).
+Rectified-flow models (``scheduler/`` a ``FlowMatchEulerDiscreteScheduler``) sample with ``euler``, ``heun`` or
+``dpm++`` on flow sigmas, as ``mmlm.models.diffusion.flow.make_sampler`` does.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+)
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+FLOW_SAMPLERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
+
+
+def make_sampler(scheduler, name: str):
+    """The sampler ``name`` from the training scheduler: DDPM-trained ones with "trailing" spacing (starts at the last
+    training step), flow-trained ones with the same shift."""
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return SAMPLERS[name].from_config(scheduler.config, timestep_spacing="trailing")
+    steps, shift = scheduler.config.num_train_timesteps, scheduler.config.shift
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler(num_train_timesteps=steps, prediction_type="flow_prediction",
+                                           use_flow_sigmas=True, flow_shift=shift)
+    return FLOW_SAMPLERS[name](num_train_timesteps=steps, shift=shift)
 
 
 class MmlmTextToImagePipeline(DiffusionPipeline):
@@ -72,17 +94,16 @@ class MmlmTextToImagePipeline(DiffusionPipeline):
             [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
         steps = num_inference_steps or self.config.num_inference_steps
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        # Sampling scheduler from the training one, "trailing" spacing (starts at the last training step).
-        sampler = SAMPLERS[self.config.sampler].from_config(self.scheduler.config, timestep_spacing="trailing")
+        sampler = make_sampler(self.scheduler, self.config.sampler)
         text, mask = self.encode(prompts)
         uncond = self.encode(negatives) if scale != 1.0 else None
         size, channels = self.denoiser.config.sample_size, self.denoiser.config.in_channels
         sample = randn_tensor((len(prompts), channels, size, size), generator=generator, device=self.device,
                               dtype=text.dtype)
         sampler.set_timesteps(steps, device=self.device)
-        sample = sample * sampler.init_noise_sigma
+        sample = sample * getattr(sampler, "init_noise_sigma", 1.0)  # flow schedulers have neither
         for t in sampler.timesteps:
-            model_input = sampler.scale_model_input(sample, t)
+            model_input = sampler.scale_model_input(sample, t) if hasattr(sampler, "scale_model_input") else sample
             if uncond is None:
                 output = self.predict(model_input, t, text, mask)
             else:

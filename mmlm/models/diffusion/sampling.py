@@ -2,7 +2,8 @@
 
 The pipeline half of ``TextToImage`` (diffusers keeps schedulers and pipelines apart from models): the
 model supplies ``predict`` (one denoiser call), the text encoder and ``decode``; this module runs the
-DDPM / DDIM / DPM-Solver++ loop with both guidance halves in one doubled batch.
+DDPM / DDIM / DPM-Solver++ loop (a flow model's Euler / Heun / DPM-Solver++ ODE solvers: ``flow.py``) with both
+guidance halves in one doubled batch.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from mmlm.models.diffusion import flow
 from mmlm.models.diffusion.config import SAMPLER_NAMES, TextToImageConfig
 from mmlm.models.diffusion.text_encoder import check_prompts
 
@@ -35,8 +37,10 @@ def shifted_betas(base: DDPMScheduler, shift: float) -> list[float]:
     return (1 - shifted / previous).clamp(max=0.999).tolist()
 
 
-def build_noise_scheduler(config: TextToImageConfig) -> DDPMScheduler:
-    """The training schedule (betas, prediction type); every sampler is converted from it."""
+def build_noise_scheduler(config: TextToImageConfig) -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:
+    """The training schedule (betas, prediction type; a flow model's time shift); every sampler is converted from it."""
+    if config.objective == "flow":
+        return flow.build_scheduler(config.flow, config.num_train_timesteps)
     schedule = dict(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
@@ -49,8 +53,16 @@ def build_noise_scheduler(config: TextToImageConfig) -> DDPMScheduler:
     return noise_scheduler
 
 
-def make_sampler(noise_scheduler: DDPMScheduler, name: str):
-    """A sampling scheduler converted from the training one (same betas and prediction type)."""
+def load_noise_scheduler(config: TextToImageConfig, folder) -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:
+    """The training schedule a model saved in ``folder`` (``scheduler/``), of its objective's class."""
+    cls = FlowMatchEulerDiscreteScheduler if config.objective == "flow" else DDPMScheduler
+    return cls.from_pretrained(folder)
+
+
+def make_sampler(noise_scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler, name: str):
+    """A sampling scheduler converted from the training one (same betas and prediction type, or flow shift)."""
+    if isinstance(noise_scheduler, FlowMatchEulerDiscreteScheduler):
+        return flow.make_sampler(noise_scheduler, name)
     if name not in SAMPLERS:
         raise ValueError(f"scheduler: expected one of {list(SAMPLERS)}, got {name!r}")
     # "trailing" spacing starts sampling at the last training step, which few-step samplers need.
@@ -144,9 +156,9 @@ def _sample(model: TextToImage, prompts, negatives, sampler, steps, scale, gener
     sample = randn_tensor((len(prompts), channels, size, size), generator=generators, device=model.device,
                           dtype=text.dtype)
     sampler.set_timesteps(steps, device=model.device)
-    sample = sample * sampler.init_noise_sigma
+    sample = sample * getattr(sampler, "init_noise_sigma", 1.0)  # flow schedulers start at the noise itself
     for t in sampler.timesteps:
-        model_input = sampler.scale_model_input(sample, t)
+        model_input = sampler.scale_model_input(sample, t) if hasattr(sampler, "scale_model_input") else sample
         output = model.guided_prediction(model_input, t, text, text_mask, uncond, uncond_mask, scale)
         sample = sampler.step(output, t, sample, generator=generators).prev_sample
     return model.decode(sample).float().cpu()

@@ -26,11 +26,15 @@ def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
     return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
 
 
+def times_from_normal(normal: torch.Tensor, config: FlowConfig) -> torch.Tensor:
+    """Training times in (0, 1) from standard normal draws: logit-normal, then shifted (see the module docstring)."""
+    return shift_times(torch.sigmoid(config.logit_mean + config.logit_std * normal), config.shift)
+
+
 def sample_times(n: int, config: FlowConfig, device: torch.device | str | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` training times in (0, 1): logit-normal, then shifted (see the module docstring)."""
-    normal = torch.randn(n, generator=generator, device=device)
-    return shift_times(torch.sigmoid(config.logit_mean + config.logit_std * normal), config.shift)
+    """``n`` training times from torch's RNG (or ``generator``)."""
+    return times_from_normal(torch.randn(n, generator=generator, device=device), config)
 
 
 def broadcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,7 @@ def test_placeholder_and_image_count_mismatches_are_clear_errors():
     with pytest.raises(ValueError, match=r"prepare_conversations: 3 images for 2 conversations"):
         chat.prepare_conversations(model, pv, [conversation(ONE, "red")] * 2)
     short = tiny_model(max_length=4)  # the text before the second image is longer than max_length
-    with pytest.raises(ValueError, match="conversation 0: max_length=4 text tokens end inside its 2 images"):
+    with pytest.raises(ValueError, match=r"conversation 0: max_length=4 text tokens end before its image\(s\) \(2\)"):
         chat.prepare_conversations(short, pixels(short, ["red", "blue"]),
                                    [conversation("what colour is the second? <image> and <image>", "blue")], [2])
 

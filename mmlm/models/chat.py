@@ -245,8 +245,8 @@ def prepare_conversations(model: VisionLanguageModel, pixel_values: torch.Tensor
         placeholders = sample.input_ids.count(model.image_token_id)
         sample = sample.truncate(model.config.max_length + placeholders)
         if sample.input_ids.count(model.image_token_id) != placeholders:
-            raise ValueError(f"conversation {i}: max_length={model.config.max_length} text tokens end inside its "
-                             f"{k} images; raise model.max_length")
+            raise ValueError(f"conversation {i}: max_length={model.config.max_length} text tokens end before its "
+                             f"image(s) ({k}) all fit; raise model.max_length")
         if sample.first_label is None:
             raise ValueError(f"conversation {i}: no assistant token within max_length={model.config.max_length} "
                              "text tokens; raise model.max_length")

@@ -22,6 +22,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from mmlm.models.inference import as_image_list, batch_starts, eval_mode
 from mmlm.models.language import output_cache, tokens_to_tensor
+from mmlm.models.rendering import caption_prompt_ids, caption_stop_ids
 from mmlm.models.sequence import positions_from_mask
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -244,12 +245,14 @@ def caption(model: VisionLanguageModel, images: Any, prompt: str | Sequence[str]
 def caption_pixels(model: VisionLanguageModel, pixel_values: torch.Tensor, prompt: str | Sequence[str] | None,
                    max_new_tokens: int | None = 32, num_beams: int | None = None, do_sample: bool | None = None,
                    temperature: float | None = None, top_p: float | None = None, **options) -> list[str]:
-    """``VisionLanguageModel.caption_pixels``: one batch of preprocessed images."""
+    """``VisionLanguageModel.caption_pixels``: one batch of preprocessed images, each prompt rendered as training
+    renders it (plain, or a user turn in the LM's chat template: ``mmlm.models.rendering``)."""
     n = pixel_values.shape[0]
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * n
+    rows = {p: caption_prompt_ids(model, p) for p in dict.fromkeys(prompts)}
     with eval_mode(model):
-        return generate(model, [model.prompt_ids(p) for p in prompts], pixel_values.to(model.device),
-                        max_new_tokens, num_beams, do_sample, temperature, top_p, **options)
+        return generate(model, [rows[p] for p in prompts], pixel_values.to(model.device), max_new_tokens,
+                        num_beams, do_sample, temperature, top_p, stop_token_ids=caption_stop_ids(model), **options)
 
 
 def generate_text(model: VisionLanguageModel, prompt: str, max_new_tokens: int | None = 32,

@@ -1,8 +1,10 @@
 """Classification by prompt for VisionLanguageModel: every label scored as the answer to a template.
 
-Three ways to score, equal up to float error: ``tree`` feeds the image + prompt once and then each
-distinct label prefix once (``LabelTree``, tree attention); ``expand`` repeats the prompt's KV cache
-per label (for kernels without a dense mask); ``naive`` runs one full forward pass per label.
+Prompt and label are rendered as training renders them (plain, or the prompt as a user turn in the LM's chat
+template and the label as the reply: ``mmlm.models.rendering``). Three ways to score, equal up to float error:
+``tree`` feeds the image + prompt once and then each distinct label prefix once (``LabelTree``, tree attention);
+``expand`` repeats the prompt's KV cache per label (for kernels without a dense mask); ``naive`` runs one full
+forward pass per label.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from mmlm.models.inference import as_image_list, batch_starts, eval_mode
 from mmlm.models.label_tree import LabelTree, chunk_answers
 from mmlm.models.language import output_cache
+from mmlm.models.rendering import encode_caption
 from mmlm.models.sequence import IGNORE_INDEX, check_prompt, positions_from_mask
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,8 +58,8 @@ def split_template(template: str, labels: Sequence[str]) -> tuple[str, list[str]
 
     The whitespace before the slot moves to the answer: the answer's first token carries it, as in
     the whole sentence ("a small red" is "a", "Ġsmall", "Ġred" / "▁a", "▁small", "▁red"). Prompt and
-    answer are then tokenised together (``VisionLanguageModel.encode_sample``, as training does), so
-    the scored tokens are exactly the label's tokens inside the whole sentence.
+    answer are then tokenised together (``rendering.encode_caption``, as training does), so the scored
+    tokens are exactly the label's tokens inside the whole sentence (in a chat template: the reply's).
     """
     before, after = template.split("{}", 1)
     prompt = before.rstrip()
@@ -124,12 +127,13 @@ def label_log_likelihoods(model: VisionLanguageModel, pixel_values: torch.Tensor
 
 def encode_labels(model: VisionLanguageModel, prompt: str, answers: Sequence[str],
                   eos: bool) -> dict[tuple[int, ...], list[tuple[int, list[int]]]]:
-    """prompt + each answer tokenised as one sentence (as training sees it), split where the answer's
-    tokens begin: {prefix ids: [(answer index, answer ids), ...]}. Every label shares one prefix unless a
-    token straddles the prompt/label boundary (scripts without spaces): such labels get their own group."""
+    """prompt + each answer tokenised as one sentence (as training sees it: ``rendering.encode_caption``), split
+    where the answer's tokens begin: {prefix ids: [(answer index, answer ids), ...]}. Every label shares one
+    prefix unless a token straddles the prompt/label boundary (scripts without spaces): such labels get their
+    own group."""
     groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     for j, answer in enumerate(answers):
-        sample = model.encode_sample(prompt, answer, eos=eos)
+        sample = encode_caption(model, prompt, answer, eos=eos)
         start = sample.first_label
         if start is None:
             raise ValueError(f"labels[{j}]: {answer!r} gives no tokens to score")
@@ -200,13 +204,11 @@ def score_naive(model: VisionLanguageModel, pixel_values: torch.Tensor, prompt: 
     n_img = pixel_values.shape[0]
     scores = torch.empty(n_img, len(answers), device=model.device)
     for j, answer in enumerate(answers):
-        batch = model.prepare_batch(pixel_values, [answer] * n_img, [prompt] * n_img)
-        logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).logits.float()
-        targets = batch["labels"][:, 1:]
+        sample = encode_caption(model, prompt, answer, eos=eos)
+        input_ids = torch.tensor([sample.input_ids] * n_img, device=model.device)  # one row per image, unpadded
+        logits = model(pixel_values, input_ids, torch.ones_like(input_ids)).logits.float()
+        targets = torch.tensor([sample.labels[1:]] * n_img, device=model.device)
         mask = targets != IGNORE_INDEX
-        if not eos:  # the EOS is each row's last label
-            last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
-            mask[torch.arange(n_img, device=mask.device), last] = False
         lp = logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
         total = (lp * mask).sum(1)
         scores[:, j] = total / mask.sum(1) if reduce == "mean" else total

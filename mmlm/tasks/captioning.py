@@ -30,10 +30,13 @@ class VisionLanguageTask(ImageTextTask):
         return None, self.training_captions(batch)
 
     def model_inputs(self, model: nn.Module, batch: dict) -> dict:
-        """The tokenised training tensors of ``batch`` (built once, kept in the batch)."""
+        """The tokenised training tensors of ``batch`` (built once, kept in the batch), rendered as ``caption`` and
+        ``classify`` render their prompts (plain, or a user turn in the LM's chat template: ``models.rendering``)."""
         if "model_inputs" not in batch:
+            from mmlm.models.rendering import prepare_captions
+
             prompts, targets = self.prompts_and_targets(batch)
-            batch["model_inputs"] = unwrap(model).prepare_batch(batch["pixel_values"], targets, prompts)
+            batch["model_inputs"] = prepare_captions(unwrap(model), batch["pixel_values"], targets, prompts)
         return batch["model_inputs"]
 
     def num_items(self, model: nn.Module, batch: dict) -> int:

@@ -1,7 +1,9 @@
 """Classification by prompt: the VisionLanguageModel scores label strings in a template ("a photo of a {}").
 
 Training teaches the model to say ``template.format(label)`` about each image, so a classifier is
-a captioner of its labels and the same model also works zero-shot on other label sets.
+a captioner of its labels and the same model also works zero-shot on other label sets. With an LM's own chat
+template the text before the slot is the user's turn and the label the reply, in training and in scoring alike
+(``mmlm.models.rendering``).
 """
 
 from __future__ import annotations

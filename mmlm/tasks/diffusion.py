@@ -19,6 +19,18 @@ from mmlm.eval.plots import image_grid
 from mmlm.tasks.common import ImageTextTask, caption_corpus, load_vision_language_model
 
 AUTOENCODER_IMAGES = 4000  # training images for the VAE pre-stage
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A 64-bit generator seed from integers (a splitmix64 round per part): the same in every process and run."""
+    x = 0
+    for part in parts:
+        x = (x ^ (part & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+        x ^= x >> 31
+    return x
 
 
 class DiffusionTask(ImageTextTask):
@@ -45,13 +57,29 @@ class DiffusionTask(ImageTextTask):
         self.autoencoder_stats = stats
         return stats
 
+    def build_datasets(self, model: nn.Module) -> dict:
+        datasets = super().build_datasets(model)
+        self._train_split = datasets.get("train")  # its epoch keys the training draws (sample_generators)
+        return datasets
+
+    def sample_generators(self, batch: dict) -> list[torch.Generator] | None:
+        """One CPU generator per sample, seeded by (``train.seed``, epoch, the sample's dataset index): a sample's
+        caption dropout, noise and timestep are then the same however a step's samples are split over processes
+        and micro-batches (2 x 4 trains like 1 x 8), differ from epoch to epoch and replay on resume. None
+        (torch's global RNG) for batches without an ``index``."""
+        if "index" not in batch:
+            return None
+        epoch = getattr(getattr(self, "_train_split", None), "epoch", None) or 0
+        seed = self.config.train.seed
+        return [torch.Generator().manual_seed(mix_seed(seed, epoch, int(i))) for i in batch["index"]]
+
     def prompts_and_targets(self, batch: dict) -> tuple[list[str], list[dict]]:
         """The prompt each sample's image is generated from and the attributes that image should show."""
         return self.training_captions(batch), batch["attributes"]
 
     def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         prompts, _ = self.prompts_and_targets(batch)
-        return model(batch["pixel_values"], prompts)
+        return model(batch["pixel_values"], prompts, generator=self.sample_generators(batch))
 
     def evaluation_prompts(self, dataset) -> tuple[list[str], list[dict]]:
         """``eval.prompts`` when given, else the first caption and the attributes of the split's first records."""

@@ -37,7 +37,7 @@ from PIL import Image
 from torch import nn
 
 from mmlm.config import ConfigError, from_dict, to_dict
-from mmlm.models.diffusion import flow, pretrained, sampling
+from mmlm.models.diffusion import draws, flow, pretrained, sampling
 from mmlm.models.diffusion.autoencoder import build_autoencoder, train_autoencoder
 from mmlm.models.diffusion.config import DenoiserConfig, TextToImageConfig
 from mmlm.models.diffusion.text_encoder import TextEncoder, check_prompts
@@ -291,8 +291,10 @@ class TextToImage(nn.Module):
         return stats
 
     # ---------------------------------------------------------------- diffusion
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] -> what the denoiser works on (the pixels, their patches, or scaled latents)."""
+    def encode_images(self, pixel_values: torch.Tensor,
+                      generator: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] -> what the denoiser works on (the pixels, their patches, or scaled latents sampled
+        with ``generator``: one per image, or None)."""
         if self.config.space == "patch":
             return F.pixel_unshuffle(pixel_values, self.config.patch_size)
         if self.vae is None:
@@ -303,7 +305,8 @@ class TextToImage(nn.Module):
                 "(or set vae.name_or_path to a pretrained AutoencoderKL)"
             )
         with torch.no_grad():
-            return (self.vae.encode(pixel_values).latent_dist.sample() - self.latent_shift) * self.latent_scale
+            latents = self.vae.encode(pixel_values).latent_dist.sample(None if generator is None else list(generator))
+            return (latents - self.latent_shift) * self.latent_scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The inverse of ``encode_images``: denoiser space -> pixels (roughly in [-1, 1])."""
@@ -328,12 +331,16 @@ class TextToImage(nn.Module):
                                **extra).sample
         return pretrained.without_learned_sigma(self.denoiser, output)  # PixArt's learned variance: not sampled
 
-    def forward(self, pixel_values: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, captions: Sequence[str],
+                generator: Sequence[torch.Generator] | None = None) -> torch.Tensor:
         """The training loss; calling the module (not ``training_loss``) lets DDP/FSDP wrappers sync gradients."""
-        return self.training_loss(pixel_values, captions)
+        return self.training_loss(pixel_values, captions, generator)
 
-    def training_loss(self, pixel_values: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
-        """Diffusion loss on a batch: ``pixel_values`` [B, 3, H, W] in [-1, 1], one caption per image."""
+    def training_loss(self, pixel_values: torch.Tensor, captions: Sequence[str],
+                      generator: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """Diffusion loss on a batch: ``pixel_values`` [B, 3, H, W] in [-1, 1], one caption per image.
+
+        ``generator``: one per image; its random draws then come from it alone (``draws.py``); None: global RNG."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"training_loss: pixel_values must be [B, 3, H, W], got {tuple(pixel_values.shape)}")
         size = self.config.image_size
@@ -347,20 +354,21 @@ class TextToImage(nn.Module):
             raise ValueError(
                 f"training_loss: pixel values must be in [-1, 1] (model.image_transform()), got [{low:.3g}, {high:.3g}]"
             )
-        x0 = self.encode_images(pixel_values)
+        x0 = self.encode_images(pixel_values, generator)
         if self.training and self.config.caption_dropout > 0:
-            drop = (torch.rand(len(captions)) < self.config.caption_dropout).tolist()
+            drop = (draws.uniform(len(captions), generator) < self.config.caption_dropout).tolist()
             captions = ["" if d else c for c, d in zip(captions, drop)]
         text, text_mask = self.text_encoder(captions)
 
-        noise = torch.randn_like(x0)
+        noise = draws.normal(x0.shape, generator, x0.device, x0.dtype)
         if self.config.noise_offset:  # per image and channel (Guttenberg's offset noise, as diffusers' scripts)
-            noise = noise + self.config.noise_offset * torch.randn(*x0.shape[:2], 1, 1, device=x0.device,
-                                                                   dtype=x0.dtype)
+            noise = noise + self.config.noise_offset * draws.normal((*x0.shape[:2], 1, 1), generator, x0.device,
+                                                                    x0.dtype)
         if self.config.objective == "flow":  # rectified flow (flow.py): logit-normal times, velocity target
-            times = flow.sample_times(len(x0), self.config.flow, device=x0.device)
+            times = draws.per_image(len(x0), generator, lambda n, g: flow.sample_times(
+                n, self.config.flow, device=x0.device if g is None else "cpu", generator=g), x0.device)
             return flow.loss(self.predict, x0, noise, times, text, text_mask, self.config.num_train_timesteps)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(x0),), device=x0.device)
+        timesteps = draws.integers(self.noise_scheduler.config.num_train_timesteps, len(x0), generator, x0.device)
         noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
         if self.config.prediction_type == "epsilon":
             target = noise

@@ -264,11 +264,15 @@ def lora_metadata(model: nn.Module) -> dict:
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights without the LoRA adapter (peft's ``base_layer`` renamed back), contiguous, for safetensors."""
-    state = {}
+    """The weights without the LoRA adapter (peft's ``base_layer`` renamed back), contiguous, for safetensors;
+    a tied weight once, under its first name (T5's ``shared.weight``, not ``encoder.embed_tokens.weight``), as
+    ``save_pretrained`` writes it."""
+    state, seen = {}, set()
     for key, value in model.state_dict().items():
-        if "lora_" in key:
+        where = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if "lora_" in key or (value.numel() and where in seen):
             continue
+        seen.add(where)
         state[key.replace(".base_layer.", ".")] = value.detach().contiguous()
     return state
 

@@ -270,7 +270,7 @@ class DDPConfig:
 
 @dataclasses.dataclass
 class FSDPConfig:
-    """Fully sharded data parallel (FSDP2, through accelerate); CUDA-like devices only (see mmlm.training.distributed)."""
+    """Fully sharded data parallel (FSDP2, through accelerate); GPUs, or CPU processes with gloo (mmlm.training.distributed)."""
 
     enabled: bool = False
     sharding_strategy: str = "full_shard"  # full_shard (reshard after forward) | shard_grad_op (keep until backward)

@@ -85,6 +85,34 @@ def test_random_caption_choice_changes_per_epoch_and_repeats_with_the_seed(manif
     assert two == one  # the same seed picks the same caption per (epoch, sample), however many processes
 
 
+@pytest.mark.slow
+def test_fsdp_on_cpu_trains_like_one_process_saves_a_model_one_process_loads_and_resumes(manifest_runs, data,
+                                                                                          tmp_path):
+    """FSDP2 on 2 gloo processes: sharded parameters and gradients give the 1 x 8 run's parameters; distributed
+    evaluation and the saved folder use the gathered full state dict; a mid-epoch checkpoint resumes bitwise."""
+    import shutil
+
+    from mmlm.api import evaluate
+
+    source = {"source": data["train_jsonl"], "val_source": data["val_jsonl"]}
+    train = {"max_steps": STEPS, "save_every": 3, "keep_last": 3, "fsdp": {"enabled": True}}
+    run = tmp_path / "fsdp"
+    done = launch(config("captioning", run, source, train), 2)
+    assert "on 2 x cpu" in done.stdout
+    assert (run / "checkpoints" / "step_000003" / "pytorch_model_fsdp.bin").is_file()  # accelerate's FSDP format
+    assert_same_weights(manifest_runs / "one", run)
+    assert predictions(run) == predictions(manifest_runs / "one")
+    evaluate(run, split="val", out_dir=tmp_path / "reloaded")  # the saved folder, in this one process
+    rows = (tmp_path / "reloaded" / "val_captions.jsonl").read_text().splitlines()
+    assert [json.loads(row)["prediction"] for row in rows] == predictions(run)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run / "checkpoints" / "step_000003", resumed / "checkpoints" / "step_000003")
+    shutil.copy(run / "metrics.jsonl", resumed / "metrics.jsonl")  # resume continues the run's metrics log
+    launch(config("captioning", resumed, source, train), 2, "--resume")
+    assert_same_weights(run, resumed, exact=True)
+
+
 @pytest.fixture(scope="module")
 def shard_runs(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")

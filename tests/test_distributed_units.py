@@ -1,5 +1,5 @@
 """The parts of multi-process training that one process can check: the streamed split and its resume, the
-evaluation parts, mixed precision on CPU (bf16 for the three tasks; fp16 and FSDP refused with the reason)."""
+evaluation parts, mixed precision on CPU (bf16 for the three tasks; fp16 refused with the reason), the FSDP plugin."""
 
 from __future__ import annotations
 
@@ -62,11 +62,16 @@ def test_evaluation_parts_are_contiguous_and_in_order():
     assert [start for _, start, _, _ in parts] == [0, 3, 5]
 
 
-def test_fsdp_and_fp16_are_refused_on_cpu_with_the_reason(tmp_path):
+def test_fsdp_plugin_is_fsdp2_with_full_state_dicts():
+    plugin = fsdp_plugin(FSDPConfig(enabled=True, sharding_strategy="shard_grad_op"))
+    assert plugin.fsdp_version == 2 and not plugin.reshard_after_forward
+    assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
+    assert fsdp_plugin(FSDPConfig()) is None
+
+
+def test_fp16_is_refused_on_cpu_with_the_reason(tmp_path):
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present: both are allowed")
-    with pytest.raises(ConfigError, match="FSDP needs CUDA-like devices"):
-        fsdp_plugin(FSDPConfig(enabled=True))
+        pytest.skip("a GPU is present: fp16 is allowed")
     cfg = load_config({"train": {"mixed_precision": "fp16", "max_steps": 1}})
     with pytest.raises(ConfigError, match="fp16.*needs a GPU"):
         build_accelerator(cfg.train, tmp_path)

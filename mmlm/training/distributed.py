@@ -57,12 +57,6 @@ def fsdp_plugin(fsdp: FSDPConfig) -> FullyShardedDataParallelPlugin | None:
     """
     if not fsdp.enabled:
         return None
-    if not has_accelerator():
-        # accelerate 1.x turns the plugin on only for GPU-like process groups (AcceleratorState picks
-        # DistributedType.FSDP for MULTI_GPU/XPU/NPU/..., never for MULTI_CPU), so on CPU it would silently
-        # train with DDP instead; refuse rather than pretend.
-        raise ConfigError("train.fsdp.enabled: FSDP needs CUDA-like devices; accelerate runs CPU processes "
-                          "(gloo) with DDP only. Switch it off on CPU")
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
         reshard_after_forward=fsdp.sharding_strategy == "full_shard",
@@ -71,6 +65,34 @@ def fsdp_plugin(fsdp: FSDPConfig) -> FullyShardedDataParallelPlugin | None:
         activation_checkpointing=fsdp.activation_checkpointing,
         state_dict_type="FULL_STATE_DICT",
     )
+
+
+def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
+    """Run FSDP2 on CPU processes (gloo), which torch supports but accelerate does not switch on.
+
+    accelerate 1.15's ``AcceleratorState.__init__`` (accelerate/state.py, the ``elif self.distributed_type in
+    [DistributedType.MULTI_GPU, ...]`` branch) sets ``DistributedType.FSDP`` and keeps the plugin only for
+    GPU-like process groups, never for ``MULTI_CPU``, so CPU processes would silently train with DDP. torch's
+    ``fully_shard`` itself runs on CPU with gloo (sharding, gradient reduce-scatter, full state dicts), and
+    accelerate's FSDP2 paths (prepare, no_sync, clip_grad_norm_, get_state_dict, save_state / load_state) have
+    no device-specific code, so we set what that branch would have set.
+    """
+    from accelerate.state import PartialState
+
+    state = accelerator.state
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def full_state_dict(model: nn.Module, everywhere: bool) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of an FSDP2 ``model`` (a collective): on every process, on its device, or only on
+    the main process, on CPU (the others get ``{}``)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
 
 
 def set_fsdp_wrap_classes(accelerator: Accelerator, names: list[str]) -> None:
@@ -95,6 +117,7 @@ def build_accelerator(train: TrainConfig, output_dir: Path) -> Accelerator:
     # accelerate treats a plain torchrun on a CPU-only machine as one process unless told cpu=True
     cpu_processes = launched_processes() > 1 and not has_accelerator()
     ddp = train.ddp
+    fsdp = fsdp_plugin(train.fsdp)
     accelerator = Accelerator(
         cpu=cpu_processes,
         mixed_precision=resolve_mixed_precision(train.mixed_precision),
@@ -106,8 +129,10 @@ def build_accelerator(train: TrainConfig, output_dir: Path) -> Accelerator:
             find_unused_parameters=ddp.find_unused_parameters, static_graph=ddp.static_graph,
             gradient_as_bucket_view=ddp.gradient_as_bucket_view, bucket_cap_mb=ddp.bucket_cap_mb,
             broadcast_buffers=ddp.broadcast_buffers)],
-        fsdp_plugin=fsdp_plugin(train.fsdp),
+        fsdp_plugin=fsdp,
     )
+    if fsdp is not None and cpu_processes:
+        enable_fsdp_on_cpu(accelerator, fsdp)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate 1.x makes fp16 a no-op on CPU (no autocast, no GradScaler): it would silently train in fp32
         raise ConfigError("train.mixed_precision='fp16' needs a GPU (accelerate runs no fp16 autocast or grad "

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from mmlm.config import ConfigError
 from mmlm.training import checkpoint as ckpt
-from mmlm.training.distributed import run_on_main
+from mmlm.training.distributed import full_state_dict, run_on_main
 from mmlm.training.errors import TrainingError
 from mmlm.training.task import Task
 
@@ -49,23 +49,29 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
 @contextlib.contextmanager
 def evaluation_model(trainer: Trainer):
     """The model to evaluate or save: the unwrapped one with the EMA weights applied; under FSDP a full
-    copy on the main process (None on the others), gathered from the shards. Every process enters."""
+    copy gathered from the shards, on the main process and, when the task evaluates in parts, on every
+    process (None on the others). Every process enters."""
     ema = trainer.ema.applied() if trainer.ema is not None else contextlib.nullcontext()
     with ema:
         if not trainer.fsdp:
             yield trainer.unwrapped
             return
-        state = trainer.accelerator.get_state_dict(trainer.model)  # a collective; the full dict on the main process
-        if trainer.is_main:
+        state = full_state_dict(trainer.model, everywhere=trainer._replica_everywhere)  # a collective
+        if trainer._replica is not None:
             trainer._replica.load_state_dict(state)
         yield trainer._replica
+
+
+def evaluates_in_parts(task: Task) -> bool:
+    """Whether every process evaluates a part of a split (the task has ``predict`` / ``score``)."""
+    return type(task).predict is not Task.predict
 
 
 def evaluate(trainer: Trainer, split: str) -> dict[str, float]:
     """Metrics of the current model on ``split``, keyed ``"<split>/<name>"``, the same on every process."""
     if split not in trainer.datasets:
         raise ValueError(f"no '{split}' split; the task built {sorted(trainer.datasets)}")
-    distributed = type(trainer.task).predict is not Task.predict
+    distributed = evaluates_in_parts(trainer.task)
     result: dict[str, float] | str = {}
     failure: Exception | None = None
     rows: list[dict] | None = None

@@ -114,8 +114,11 @@ class Trainer:
                 raise ConfigError("train.ema_decay with train.fsdp: the EMA keeps full weights per process; "
                                   "not supported with sharded parameters")
             set_fsdp_wrap_classes(self.accelerator, train.fsdp.auto_wrap or task.fsdp_wrap_classes(model))
-            # the full model for evaluation and saving, filled from the gathered shards (main process only)
-            self._replica = copy.deepcopy(model) if self.is_main else None
+            # the full model for evaluation and saving, filled from the gathered shards: on the main process, and on
+            # every process when each evaluates its part of a split
+            self._replica_everywhere = evaluation.evaluates_in_parts(task)
+            self._replica = (copy.deepcopy(model).to(self.accelerator.device)
+                             if self.is_main or self._replica_everywhere else None)
 
         self._loader_generator = torch.Generator().manual_seed(train.seed)
         train_set = self.datasets["train"]

@@ -236,3 +236,12 @@ def tokens_to_tensor(ids: list[list[int]], pad_id: int, left: bool) -> tuple[tor
             out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, : len(row)] = 1
     return out, mask
+
+
+def enable_lm_checkpointing(lm: nn.Module) -> None:
+    """Activation checkpointing of a transformers LM (non-reentrant), under its 5.x name or the older one."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -36,7 +36,7 @@ from mmlm.models.adapters import AdapterConfig, add_lora
 from mmlm.models.head import decoder_of, label_loss
 from mmlm.models.language import (
     IMAGE_TOKEN, LanguageConfig, apply_lora, build_language_model, cache_argument_name, check_sequence_fits,
-    forward_parameters, load_tokenizer, tokens_to_tensor,
+    enable_lm_checkpointing, forward_parameters, load_tokenizer, tokens_to_tensor,
 )
 from mmlm.models.projector import ProjectorConfig, build_projector
 from mmlm.models.scoring import split_template  # noqa: F401  (re-exported: callers import it from here)
@@ -119,7 +119,7 @@ class VisionLanguageModel(nn.Module):
         if isinstance(config, dict):
             config = from_dict(VLMConfig, config)
         if config.init_from is not None:
-            return cls._from_saved_start(config)
+            return vlm_files.start_from(cls, config)
         model = cls._build(config, corpus, _lm_config, _tokenizer)
         model._add_adapters()
         return model
@@ -146,10 +146,6 @@ class VisionLanguageModel(nn.Module):
             add_lora(self.vision.backbone, self.config.vision_lora, "model.vision_lora")
         if self.config.projector_lora.rank > 0:
             add_lora(self.projector, self.config.projector_lora, "model.projector_lora")
-
-    @classmethod
-    def _from_saved_start(cls, config: VLMConfig) -> "VisionLanguageModel":
-        return vlm_files.start_from(cls, config)
 
     def plain_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights with every LoRA adapter merged in (names as a model without adapters has them)."""
@@ -183,11 +179,7 @@ class VisionLanguageModel(nn.Module):
         return {"vision": self.vision, "projector": self.projector, "language": self.language_model}
 
     def enable_gradient_checkpointing(self) -> None:
-        lm, kwargs = self.language_model, {"use_reentrant": False}
-        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_lm_checkpointing(self.language_model)
         self.vision.enable_gradient_checkpointing()
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

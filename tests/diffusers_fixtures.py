@@ -95,8 +95,7 @@ def tiny_t5_tokenizer(folder: Path, model_max_length: int = 120):
 
 
 def tiny_pixart_pipeline(folder: Path, seed: int = 0, caption_channels: int = 32, text_width: int = 32,
-                         latent_channels: int = 4, learned_sigma: bool = True,
-                         use_additional_conditions: bool | None = None):
+                         latent_channels: int = 4):
     """Build and save_pretrained a tiny PixArtAlphaPipeline (PixArtTransformer2DModel 2 layers of width 24 with
     learned sigma as PixArt's, T5EncoderModel 2 layers, AutoencoderKL, DPMSolverMultistepScheduler with PixArt's
     linear betas); returns the folder."""
@@ -108,10 +107,9 @@ def tiny_pixart_pipeline(folder: Path, seed: int = 0, caption_channels: int = 32
     transformer = PixArtTransformer2DModel(
         # Width 3 x 8 = 24: a multiple of 3 as PixArt's 1152 (the micro-conditions take a third each).
         sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-        caption_channels=caption_channels, in_channels=4, out_channels=8 if learned_sigma else 4,
+        caption_channels=caption_channels, in_channels=4, out_channels=8,
         cross_attention_dim=24, attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
         norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-        use_additional_conditions=use_additional_conditions,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=latent_channels,

@@ -1,5 +1,6 @@
 """int8 compression (mmlm.models.compress) and `mmlm compress`: what is quantised, the saved folder, loading."""
 
+import copy
 import json
 
 import pytest
@@ -9,8 +10,8 @@ import mmlm
 from mmlm.cli import main
 from mmlm.data.shapes import generate_shapes
 from mmlm.models.compress import (
-    COMPRESSION_NAME, CompressionConfig, CompressionError, load_compressed, load_quantized_state, quantize,
-    quantized_state, save_compressed,
+    COMPRESSION_NAME, CompressionConfig, CompressionError, int8_embedding, load_compressed, load_quantized_state,
+    quantize, quantized_state, save_compressed,
 )
 from tests.test_explain import CNN, ONE_SHAPE, VIT, tiny_vlm
 
@@ -29,10 +30,21 @@ def _kinds(model):
     return found
 
 
-@pytest.mark.xfail(reason="known defect (issue 17, open): on some random inits int8 logits differ from "
-                          "fp32 by 60-90% of their range; under investigation", strict=False)
-def test_quantize_swaps_linear_layers_and_embedding_and_keeps_outputs_close():
-    model = tiny_vlm(CNN, "mlp")
+def _reseeded(model, seed):
+    """``model`` with its LM and projector matrices redrawn from N(0, 0.02) under ``seed`` (global RNG untouched)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for part in (model.language_model, model.projector):
+            for p in part.parameters():
+                if p.dim() > 1:
+                    p.data.normal_(0, 0.02)
+    return model
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("vision", [CNN, VIT], ids=["cnn", "vit"])
+def test_quantize_swaps_linear_layers_and_embedding_and_keeps_outputs_close(vision, seed):
+    model = _reseeded(tiny_vlm(vision, "mlp"), seed)
     pixels = model.pixel_values([r.image for r in generate_shapes(2, config=ONE_SHAPE)])
     batch = model.prepare_batch(pixels, ["a small red circle on the left", "a large blue star at the top"])
     with torch.no_grad():
@@ -42,7 +54,79 @@ def test_quantize_swaps_linear_layers_and_embedding_and_keeps_outputs_close():
     assert {"DynamicQuantizedLinear", "QuantizedEmbedding"} <= _kinds(model)
     with torch.no_grad():
         logits = model(**batch).logits
-    assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
+    assert (logits - reference).abs().max() < 0.05 * reference.abs().max()  # measured <= 0.02 over 16 inits
+
+
+def test_int8_embedding_rows_survive_the_float_module_and_later_allocations():
+    """The int8 embedding owns its per-row scales: torch's ``weight()`` unpack aliases the packed object's
+    memory, and quantising through a temporary module left freed memory as scales (garbage, NaN rows)."""
+    import gc
+
+    embedding = torch.nn.Embedding(300, 64)
+    reference = embedding.weight.detach().clone()
+    int8 = int8_embedding(embedding)
+    del embedding
+    gc.collect()
+    _ = [torch.randn(300, 64) for _ in range(50)]  # reuse whatever was freed
+    rows = int8(torch.arange(300))
+    step = (reference.amax(1) - reference.amin(1)) / 255  # one quantisation step per row
+    assert torch.isfinite(rows).all()
+    assert ((rows - reference).abs() <= step[:, None] * 0.51).all()
+
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+
+
+def train_colour_captioner(seed: int, steps: int = 120):
+    """A tiny ViT + Llama captioner trained (full batch) to name the colour of a plain image, on one thread:
+    its ops are too small to split, and split on a shared CPU a step costs 10-30x more (measured)."""
+    from PIL import Image
+
+    images = [Image.new("RGB", (32, 32), c) for c in COLOURS]
+    captions = [f"a {c} picture" for c in COLOURS]
+    model = _reseeded(tiny_vlm(VIT, "mlp", corpus=captions * 8), seed).train()
+    batch = model.prepare_batch(model.pixel_values(images), captions)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+            for _ in range(steps):
+                loss = model(**batch).loss
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), images, captions, batch
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda s: f"seed{s}")
+def colour_captioner(request):
+    return train_colour_captioner(request.param)
+
+
+def test_a_trained_captioner_keeps_its_captions_and_token_log_probs_in_int8(colour_captioner, tmp_path):
+    model, images, captions, batch = colour_captioner
+    assert model.caption(images, max_new_tokens=6) == captions  # it learned: the comparison below means something
+    targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
+
+    def outputs(m):
+        with torch.no_grad():
+            logits = m(**batch).logits  # at the caption's label positions
+        return logits, logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+
+    reference, reference_log_probs = outputs(model)
+    save_compressed(copy.deepcopy(model), tmp_path / "int8")
+    int8 = mmlm.load(tmp_path / "int8")
+    assert int8.caption(images, max_new_tokens=6) == captions
+    logits, log_probs = outputs(int8)
+    assert (logits - reference).abs().max() < 0.06 * reference.abs().max()  # measured 0.012-0.030 over 6 seeds
+    assert (log_probs - reference_log_probs).abs().max() < 0.05  # nats; measured <= 0.006
+    labels = [f"{c} picture" for c in COLOURS]
+    pixels = model.pixel_values(images)
+    assert torch.equal(int8.label_log_likelihoods(pixels, labels, "a {}").argmax(1), torch.arange(len(COLOURS)))
 
 
 def test_save_and_mmlm_load_give_the_same_int8_model(tmp_path):

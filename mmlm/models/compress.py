@@ -99,20 +99,34 @@ def quantize_language_model(lm: nn.Module, embeddings: bool = True) -> nn.Module
     and untied int8 head, in place."""
     from mmlm.models.language import base_causal_lm
 
-    nnq, *_, embedding_qconfig = _quantization()
     lm.eval().requires_grad_(False)
     base = base_causal_lm(lm)
     if embeddings:
         _untie_head(base)
-        embedding = base.get_input_embeddings()
-        embedding.qconfig = embedding_qconfig
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            weight = nnq.Embedding.from_float(embedding).weight()
-            int8 = Int8Embedding(embedding.num_embeddings, embedding.embedding_dim)
-            int8.set_weight(weight)
-        base.set_input_embeddings(int8)
+        base.set_input_embeddings(int8_embedding(base.get_input_embeddings()))
     return quantize_linear_layers(lm)
+
+
+def int8_embedding(embedding: nn.Embedding) -> Int8Embedding:
+    """``embedding`` as an int8 (per-row scale and offset) embedding.
+
+    The weight is quantised here rather than through ``nnq.Embedding.from_float(e).weight()``: the tensor that
+    ``weight()`` unpacks keeps its per-row scales and offsets in the packed object's memory (``from_blob``
+    in torch's ``PackedEmbeddingBagWeight::unpack``, no copy), so once the temporary module is collected
+    they are freed memory: garbage rows, NaN activations downstream ("min should be less than or equal
+    to max" from the next dynamic Linear), varying with whatever the allocator reused.
+    """
+    *_, embedding_qconfig = _quantization()
+    observer = embedding_qconfig.weight()
+    weight = embedding.weight.detach().float()
+    observer(weight)
+    scales, offsets = observer.calculate_qparams()
+    with warnings.catch_warnings():  # quint8 tensor creation warns of its deprecation (issue 184982); current here
+        warnings.simplefilter("ignore")
+        qweight = torch.quantize_per_channel(weight, scales.float(), offsets.float(), 0, torch.quint8)
+    int8 = Int8Embedding(embedding.num_embeddings, embedding.embedding_dim)
+    int8.set_weight(qweight)  # prepack copies the values and the per-row parameters
+    return int8
 
 
 def quantize(model: nn.Module, config: CompressionConfig | None = None) -> nn.Module:
@@ -139,10 +153,10 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     quantized = _quantized_modules(model)
     for name, module in quantized.items():
-        weight = module.weight()
+        weight = module.weight()  # its scales may alias the module's packed memory (see int8_embedding): copy them
         state[f"{name}.qweight"] = weight.int_repr()
-        state[f"{name}.qscale"] = weight.q_per_channel_scales().float()
-        state[f"{name}.qzero"] = weight.q_per_channel_zero_points()
+        state[f"{name}.qscale"] = weight.q_per_channel_scales().float().clone()
+        state[f"{name}.qzero"] = weight.q_per_channel_zero_points().clone()
         bias = module.bias() if callable(getattr(module, "bias", None)) else None
         if bias is not None:
             state[f"{name}.bias"] = bias.detach()

@@ -1,5 +1,5 @@
 """The parts of multi-process training that one process can check: the streamed split and its resume, the
-evaluation parts, mixed precision on CPU (bf16 for the three tasks; fp16 refused with the reason), the FSDP plugin."""
+evaluation parts, bf16 on CPU for the three tasks (fp16: test_fp16_cpu.py), the FSDP plugin."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from distributed_helpers import config, saved_weights, write_data
 from mmlm.api import train
-from mmlm.config import ConfigError, FSDPConfig, load_config
+from mmlm.config import FSDPConfig
 from mmlm.data import StreamingImageTextDataset
-from mmlm.training.distributed import build_accelerator, fsdp_plugin
+from mmlm.training.distributed import fsdp_plugin
 from mmlm.training.evaluation import split_for_process
 
 TINY_SHAPES = {"n_train": 32, "n_val": 4, "n_test": 4, "n_compositional": 4, "image_size": 32, "max_shapes": 2}
@@ -67,14 +67,6 @@ def test_fsdp_plugin_is_fsdp2_with_full_state_dicts():
     assert plugin.fsdp_version == 2 and not plugin.reshard_after_forward
     assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
     assert fsdp_plugin(FSDPConfig()) is None
-
-
-def test_fp16_is_refused_on_cpu_with_the_reason(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: fp16 is allowed")
-    cfg = load_config({"train": {"mixed_precision": "fp16", "max_steps": 1}})
-    with pytest.raises(ConfigError, match="fp16.*needs a GPU"):
-        build_accelerator(cfg.train, tmp_path)
 
 
 def losses(run: Path) -> list[float]:

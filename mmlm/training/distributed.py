@@ -87,6 +87,20 @@ def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParalle
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+def enable_fp16_on_cpu(accelerator: Accelerator) -> None:
+    """fp16 autocast and a GradScaler on CPU, which torch has but accelerate leaves out.
+
+    accelerate 1.15's ``Accelerator.__init__`` (accelerate/accelerator.py, the ``self.state.mixed_precision ==
+    "fp16" and self.device.type != "cpu"`` branch) sets ``native_amp`` and the grad scaler only off the CPU, so fp16
+    would silently train in fp32. torch 2.14 runs ``torch.autocast("cpu", dtype=torch.float16)`` and
+    ``torch.amp.GradScaler("cpu")``; with these two set (before ``prepare``), accelerate's own fp16 paths (autocast
+    forward, scaled backward, unscale before clipping, skipped steps on overflow, ``scaler.pt`` in checkpoints) run.
+    """
+    kwargs = accelerator.scaler_handler.to_kwargs() if accelerator.scaler_handler is not None else {}
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu", **kwargs)
+
+
 def full_state_dict(model: nn.Module, everywhere: bool) -> dict[str, torch.Tensor]:
     """The unsharded state dict of an FSDP2 ``model`` (a collective): on every process, on its device, or only on
     the main process, on CPU (the others get ``{}``)."""
@@ -134,9 +148,7 @@ def build_accelerator(train: TrainConfig, output_dir: Path) -> Accelerator:
     if fsdp is not None and cpu_processes:
         enable_fsdp_on_cpu(accelerator, fsdp)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # accelerate 1.x makes fp16 a no-op on CPU (no autocast, no GradScaler): it would silently train in fp32
-        raise ConfigError("train.mixed_precision='fp16' needs a GPU (accelerate runs no fp16 autocast or grad "
-                          "scaler on CPU); use 'bf16' or 'no' on CPU")
+        enable_fp16_on_cpu(accelerator)
     if launched_processes() != accelerator.num_processes:
         raise TrainingError(
             f"launched as {launched_processes()} processes but accelerate runs {accelerator.num_processes} "

@@ -67,8 +67,8 @@ class Task(abc.ABC):
         """The scalar loss of one batch (see :meth:`num_items` for the token-normalised variant).
 
         ``model`` may be the accelerate-wrapped one (DDP): call it, do not reach into it.
-        Randomness (noise, timesteps, dropout) must come from torch's global RNG so that
-        resumed runs replay it exactly.
+        Randomness (noise, timesteps, dropout) must come from torch's global RNG, or from generators
+        seeded by the sample (as diffusion's), so that resumed runs replay it exactly.
         """
 
     @abc.abstractmethod

@@ -273,17 +273,16 @@ def cmd_explain(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    """An int8 copy of a saved VLM that mmlm.load reads."""
-    from mmlm.api import load_vlm
-    from mmlm.models.compress import PARTS, CompressionConfig, save_compressed
-    from mmlm.models.vlm_files import WEIGHTS_NAME
-    from mmlm.tasks.common import model_folder
+    """An int8 copy of a saved VLM or generator that mmlm.load reads."""
+    from mmlm.api import load
+    from mmlm.models.compress import CompressionConfig, save_compressed, weights_bytes
+    from mmlm.tasks.common import model_folder, model_kind
 
-    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip()) if args.parts else PARTS
-    config = CompressionConfig(scheme="int4" if args.int4 else "int8", parts=parts)
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip()) if args.parts else None
     source = model_folder(args.model)
-    save_compressed(load_vlm(source), args.out, config)
-    before, after = (Path(f, WEIGHTS_NAME).stat().st_size for f in (source, args.out))
+    config = CompressionConfig(scheme="int4" if args.int4 else "int8", parts=parts, model=model_kind(source))
+    save_compressed(load(source), args.out, config)
+    before, after = weights_bytes(source), weights_bytes(args.out)
     print(f"{args.out}: {config.scheme} ({', '.join(config.parts)}), weights {before / 1e6:.2f} MB -> "
           f"{after / 1e6:.2f} MB ({after / before:.2f}x)")
     return 0
@@ -472,16 +471,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention rollout, gradient x attention, or both")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("compress", help="quantise a VLM's weights for CPU serving (mmlm.load reads the result)",
+    p = sub.add_parser("compress", help="quantise a VLM or a generator for CPU serving (mmlm.load reads the result)",
                        formatter_class=fmt, epilog=_examples("""
         mmlm compress runs/demo/captioner runs/demo/captioner_int8 --int8
+        mmlm compress runs/demo/generator runs/demo/generator_int8 --int8
     """))
-    p.add_argument("model", help="saved VLM folder or run folder")
+    p.add_argument("model", help="saved VLM or generator folder, or run folder")
     p.add_argument("out", help="folder to write")
     scheme = p.add_mutually_exclusive_group(required=True)
     scheme.add_argument("--int8", action="store_true", help="int8 weights (torch.ao dynamic quantisation, CPU)")
     scheme.add_argument("--int4", action="store_true", help="int4 weights (not available with torch.ao: an error)")
-    p.add_argument("--parts", default=None, help="comma list of language,projector,vision (default: all)")
+    p.add_argument("--parts", default=None, help="comma list of language,projector,vision (a VLM) or denoiser "
+                   "(a generator); default: all")
     p.set_defaults(func=cmd_compress)
     return parser
 

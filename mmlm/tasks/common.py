@@ -138,9 +138,10 @@ def load_vision_language_model(path: str | Path) -> nn.Module:
 
 def load_text_to_image_model(path: str | Path) -> nn.Module:
     """The TextToImage model saved in ``path`` (a model folder or a run folder)."""
+    from mmlm.models.compress import is_compressed, load_compressed  # `mmlm compress` folders (int8 denoiser)
     from mmlm.models.diffusion import TextToImage
 
     path = model_folder(path)
     if model_kind(path) != "text_to_image":
         raise ValueError(f"{path} holds a vision-language model; generation needs a text-to-image model")
-    return TextToImage.from_pretrained(path)
+    return load_compressed(path) if is_compressed(path) else TextToImage.from_pretrained(path)

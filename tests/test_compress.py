@@ -199,3 +199,55 @@ def test_load_compressed_reports_a_bad_record(tmp_path):
     (tmp_path / "int8" / COMPRESSION_NAME).write_text("{not json")
     with pytest.raises(ValueError, match=COMPRESSION_NAME):
         load_compressed(tmp_path / "int8")
+
+
+# ---------------------------------------------------------------------------- the generator's denoiser
+
+
+@pytest.mark.parametrize("kind", ["unet", "transformer"])
+def test_an_int8_generator_loads_through_mmlm_load_and_draws_the_fp32_images(kind, tmp_path):
+    from mmlm.models.diffusion import DenoiserConfig
+    from tests.test_diffusion import tiny_model
+
+    denoiser = DenoiserConfig(block_out_channels=(8, 16), attention=(False, True), norm_num_groups=4,
+                              hidden_size=16, num_layers=1, num_heads=2, kind=kind, pooled_text=kind == "unet")
+    model = tiny_model(denoiser=denoiser).eval()
+    prompts = ["a red circle", "a blue square"]
+    draw = lambda m: m.generate(prompts, num_inference_steps=4, seed=0, output_type="pt")  # noqa: E731
+    reference = draw(model)
+    model.save_pretrained(tmp_path / "fp32")
+    returned = save_compressed(copy.deepcopy(model), tmp_path / "int8")
+    int8 = mmlm.load(tmp_path / "int8")
+    assert type(int8).__name__ == "TextToImage" and int8.compression.parts == ("denoiser",)
+    assert "DynamicQuantizedLinear" in _kinds(int8.denoiser)
+    assert not any(type(m) is torch.nn.Linear for m in int8.denoiser.modules())
+    images = draw(int8)
+    assert torch.equal(images, draw(returned))  # the file holds exactly the model save_compressed returned
+    other_denoiser = (draw(tiny_model(seed=1, denoiser=denoiser)) - reference).abs().mean()  # same noise
+    difference = (images - reference).abs().mean()
+    assert difference < 0.02 and difference < 0.1 * other_denoiser, (difference, other_denoiser)  # measured 0.002-0.003
+    file = "denoiser/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "int8" / file).stat().st_size < 0.75 * (tmp_path / "fp32" / file).stat().st_size
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "int8" / file))
+    assert state["conv_in.qweight"].dtype == torch.int8 if kind == "unet" else True  # convolutions stored int8
+    assert all(v.dtype != torch.float32 for k, v in state.items() if k.endswith(".qweight"))
+    assert not (tmp_path / "int8" / "model_index.json").exists()  # diffusers' route cannot read int8 weights
+
+
+def test_cli_compresses_a_generator_and_refuses_a_pipeline_or_vlm_part(tmp_path, capsys):
+    from tests.test_diffusion import tiny_model
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "gen")
+    assert main(["compress", str(tmp_path / "gen"), str(tmp_path / "int8"), "--int8"]) == 0
+    assert "int8 (denoiser)" in capsys.readouterr().out
+    assert mmlm.load(tmp_path / "int8").compression.model == "text_to_image"
+    assert main(["compress", str(tmp_path / "gen"), str(tmp_path / "x"), "--int8", "--parts", "language"]) == 2
+    assert "denoiser" in capsys.readouterr().err
+    model.config.pipeline = "some/pipeline"  # as a generator fine-tuned from a diffusers pipeline has
+    with pytest.raises(CompressionError, match="diffusers pipeline"):
+        save_compressed(model, tmp_path / "pipeline", CompressionConfig(model="text_to_image"))
+    with pytest.raises(CompressionError, match="text_to_image model, got VisionLanguageModel"):
+        save_compressed(tiny_vlm(CNN, "mlp"), tmp_path / "wrong", CompressionConfig(model="text_to_image"))

@@ -1,4 +1,5 @@
-"""Weight quantisation of a VisionLanguageModel for CPU serving, saved so ``mmlm.load`` runs it.
+"""Weight quantisation of a VisionLanguageModel or a generator's denoiser for CPU serving, saved so
+``mmlm.load`` runs it.
 
 PyTorch's own kernels do the work (``torch.ao``; fbgemm/x86 on CPU): every ``nn.Linear`` of the LM,
 the projector and the vision tower (a ViT's blocks; a CNN has none and stays fp32) becomes a
@@ -7,10 +8,15 @@ and the LM's token embedding becomes an int8 (per-row) quantised embedding. A ti
 untied first so that both ends are int8. torch.ao has CPU kernels for int8 only: int4 needs torchao,
 which is not a dependency (its import makes transformers and diffusers log warnings on torch 2.14).
 
-A compressed folder is the model's ordinary folder (config.json, tokenizer, language/config.json)
-with ``model.safetensors`` holding the int8 tensors and scales, plus ``compression.json``. Loading
-builds the fp32 skeleton from the config, applies the same module swap, then fills in the stored
-tensors (strictly: a missing or unexpected tensor is an error naming it).
+A generator (``TextToImage`` saved from scratch): its denoiser's Linear layers become int8 the same way;
+torch.ao has no dynamic int8 convolution, so its Conv weights are *stored* int8 (per output channel) and
+computed in fp32 after loading: the file shrinks, the convolutions' speed does not change.
+
+A compressed folder is the model's ordinary folder (config.json, tokenizer, language/config.json; a
+generator's denoiser/, text_encoder/, ...) whose weights file (``model.safetensors``;
+``denoiser/diffusion_pytorch_model.safetensors``) holds the int8 tensors and scales, plus
+``compression.json``. Loading builds the fp32 skeleton from the config, applies the same module swap,
+then fills in the stored tensors (strictly: a missing or unexpected tensor is an error naming it).
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from torch import nn
 
 COMPRESSION_NAME = "compression.json"
 SCHEMES = ("int8",)
-PARTS = ("language", "projector", "vision")
+PARTS = {"vision_language": ("language", "projector", "vision"), "text_to_image": ("denoiser",)}
+MODEL_CLASSES = {"VisionLanguageModel": "vision_language", "TextToImage": "text_to_image"}
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+DENOISER_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name, as save_pretrained writes it
 
 
 with warnings.catch_warnings():  # torch.ao's eager API warns of its move to torchao; its CPU kernels are current
@@ -48,8 +57,9 @@ class CompressionError(ValueError):
 @dataclasses.dataclass
 class CompressionConfig:
     scheme: str = "int8"
-    parts: tuple[str, ...] = PARTS
+    parts: tuple[str, ...] | None = None  # None: all of the model's (PARTS[model])
     embeddings: bool = True  # int8 token embedding (and an untied int8 LM head)
+    model: str = "vision_language"  # vision_language | text_to_image
 
     def __post_init__(self):
         if self.scheme == "int4":
@@ -57,10 +67,14 @@ class CompressionConfig:
                                    "int4 weight-only needs torchao, which mmlm does not depend on; use int8")
         if self.scheme not in SCHEMES:
             raise CompressionError(f"scheme: expected one of {', '.join(SCHEMES)}, got {self.scheme!r}")
-        self.parts = tuple(self.parts)
-        unknown = [p for p in self.parts if p not in PARTS]
-        if unknown:
-            raise CompressionError(f"parts: unknown {unknown}; expected a subset of {', '.join(PARTS)}")
+        if self.model not in PARTS:
+            raise CompressionError(f"model: expected one of {', '.join(PARTS)}, got {self.model!r}")
+        known = PARTS[self.model]
+        self.parts = known if self.parts is None else tuple(self.parts)
+        unknown = [p for p in self.parts if p not in known]
+        if unknown or not self.parts:
+            raise CompressionError(f"parts: {'unknown ' + str(unknown) if unknown else 'none given'}; expected a "
+                                   f"subset of {', '.join(known)} for a {self.model.replace('_', '-')} model")
 
 
 def _quantization():
@@ -198,47 +212,161 @@ def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], where
             target.copy_(state[key])
 
 
+def int8_convolutions(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Round every convolution weight in ``module`` to int8 (per output channel, symmetric: torch.ao's
+    per-channel weight observer), in place; returns the stored form (``{conv}.qweight/.qscale/.qzero``).
+
+    Storage only, by hand: torch.ao has no dynamic int8 convolution, so the layers compute in fp32 on the
+    rounded weights, the same values :func:`load_int8_convolutions` rebuilds from the file."""
+    *_, linear_qconfig, _ = _quantization()
+    stored = {}
+    for name, conv in module.named_modules():
+        if not isinstance(conv, CONVOLUTIONS):
+            continue
+        observer = linear_qconfig.weight()
+        observer(conv.weight.detach())
+        scales, zeros = observer.calculate_qparams()
+        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+        ints = torch.round(conv.weight.detach() / scales.view(shape)).add(zeros.view(shape)).clamp(-128, 127)
+        stored.update({f"{name}.qweight": ints.to(torch.int8), f"{name}.qscale": scales.float(),
+                       f"{name}.qzero": zeros.to(torch.int64)})
+        with torch.no_grad():
+            conv.weight.copy_(_dequantized(stored, name, conv.weight.dim()))
+    return stored
+
+
+def _dequantized(state: dict[str, torch.Tensor], name: str, dims: int) -> torch.Tensor:
+    shape = (-1,) + (1,) * (dims - 1)
+    ints, scales, zeros = (state[f"{name}.{k}"] for k in ("qweight", "qscale", "qzero"))
+    return (ints.float() - zeros.view(shape).float()) * scales.view(shape)
+
+
+def load_int8_convolutions(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """``state`` with each convolution's stored int8 weight turned back into its fp32 ``{conv}.weight``."""
+    state = dict(state)
+    for name, conv in module.named_modules():
+        if isinstance(conv, CONVOLUTIONS):
+            if f"{name}.qweight" not in state:
+                raise CompressionError(f"{where}: no {name}.qweight for the int8-stored convolution {name}")
+            state[f"{name}.weight"] = _dequantized(state, name, conv.weight.dim())
+            for key in ("qweight", "qscale", "qzero"):
+                del state[f"{name}.{key}"]
+    return state
+
+
+def quantize_denoiser(model: nn.Module, config: CompressionConfig | None = None) -> dict[str, torch.Tensor]:
+    """A TextToImage's denoiser with int8 Linear layers and int8-rounded convolutions, in place (inference
+    only); returns the convolutions' stored form (see :func:`int8_convolutions`)."""
+    config = config or CompressionConfig(model="text_to_image")
+    denoiser = model.denoiser.eval().requires_grad_(False)
+    stored = int8_convolutions(denoiser)
+    quantize_linear_layers(denoiser)
+    model.compression = config
+    return stored
+
+
 def is_compressed(path: str | Path) -> bool:
     return (Path(path) / COMPRESSION_NAME).is_file()
+
+
+def weights_bytes(folder: str | Path) -> int:
+    """Size of every safetensors file in a model folder (a generator keeps one per part)."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
 
 
 def save_compressed(model: nn.Module, out: str | Path, config: CompressionConfig | None = None) -> nn.Module:
     """Quantise the fp32 ``model`` (in place) and write it as a folder ``mmlm.load`` reads; returns the model.
 
     The model's own ``save_pretrained`` writes the ordinary files first (config, tokenizer, LM config,
-    model card); the weights file is then replaced by the int8 one.
+    model card; a generator's parts); the weights file is then replaced by the int8 one.
     """
-    from mmlm.models.vlm_files import WEIGHTS_NAME
-
+    kind = MODEL_CLASSES.get(type(model).__name__)
+    config = config or CompressionConfig(model=kind or "vision_language")
+    if kind != config.model:
+        raise CompressionError(f"save_compressed: the config is for a {config.model} model, got {type(model).__name__}")
     if getattr(model, "compression", None) is not None:
         raise CompressionError("save_compressed: the model is already quantised; pass the fp32 model")
     out = Path(out)
-    model.save_pretrained(out)
-    quantize(model, config)
-    config = model.compression
-    save_file(quantized_state(model), str(out / WEIGHTS_NAME), metadata={"format": "pt", "mmlm": config.scheme})
-    meta = {"scheme": config.scheme, "parts": list(config.parts), "embeddings": config.embeddings,
-            "library": f"torch.ao dynamic quantisation (torch {torch.__version__})"}
+    if kind == "text_to_image":
+        _save_generator(model, out, config)
+    else:
+        from mmlm.models.vlm_files import WEIGHTS_NAME
+
+        model.save_pretrained(out)
+        quantize(model, config)
+        save_file(quantized_state(model), str(out / WEIGHTS_NAME), metadata={"format": "pt", "mmlm": config.scheme})
+    meta = {"scheme": config.scheme, "model": config.model, "parts": list(config.parts),
+            "embeddings": config.embeddings, "library": f"torch.ao dynamic quantisation (torch {torch.__version__})"}
     (out / COMPRESSION_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return model
 
 
-def load_compressed(path: str | Path) -> nn.Module:
-    """The quantised VisionLanguageModel in a folder written by :func:`save_compressed`."""
-    from mmlm.config import ConfigError
-    from mmlm.models.vlm import VisionLanguageModel
-    from mmlm.models.vlm_files import WEIGHTS_NAME, read_saved
+def _save_generator(model: nn.Module, out: Path, config: CompressionConfig) -> None:
+    from mmlm.models.diffusion.pretrained import CUSTOM_PIPELINE
 
-    path = Path(path)
+    if model.config.pipeline is not None:
+        raise CompressionError(f"save_compressed: {model.config.pipeline} is a diffusers pipeline; its denoiser "
+                               "loads through diffusers, which reads no int8 weights: compress a from-scratch generator")
+    model.save_pretrained(out)
+    stored = quantize_denoiser(model, config)
+    replaced = {key.replace(".qweight", ".weight") for key in stored if key.endswith(".qweight")}
+    state = {k: v for k, v in quantized_state(model.denoiser).items() if k not in replaced}
+    save_file({**state, **stored}, str(out / "denoiser" / DENOISER_WEIGHTS),
+              metadata={"format": "pt", "mmlm": config.scheme})
+    for name in ("model_index.json", f"{CUSTOM_PIPELINE}.py"):  # DiffusionPipeline cannot read int8 weights
+        (out / name).unlink(missing_ok=True)
+
+
+def _read_record(path: Path) -> CompressionConfig:
+    from mmlm.config import ConfigError
+
     meta_file = path / COMPRESSION_NAME
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        config = CompressionConfig(scheme=meta["scheme"], parts=tuple(meta["parts"]), embeddings=meta["embeddings"])
+        return CompressionConfig(scheme=meta["scheme"], parts=tuple(meta["parts"]), embeddings=meta["embeddings"],
+                                 model=meta.get("model", "vision_language"))  # records before generators: VLMs
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ConfigError(f"{meta_file}: not a compression record ({err})") from err
+
+
+def load_compressed(path: str | Path) -> nn.Module:
+    """The quantised VisionLanguageModel or TextToImage in a folder written by :func:`save_compressed`."""
+    path = Path(path)
+    config = _read_record(path)
+    if config.model == "text_to_image":
+        return _load_generator(path, config)
+    from mmlm.models.vlm import VisionLanguageModel
+    from mmlm.models.vlm_files import WEIGHTS_NAME, read_saved
+
     vlm_config, tokenizer, lm_config = read_saved(path)
     vlm_config.language.tokenizer = None
     model = VisionLanguageModel.from_config(vlm_config, _lm_config=lm_config, _tokenizer=tokenizer)
     quantize(model, config)
     load_quantized_state(model, load_file(str(path / WEIGHTS_NAME)), str(path / WEIGHTS_NAME))
+    return model
+
+
+def _load_generator(path: Path, config: CompressionConfig) -> nn.Module:
+    """The parts ``TextToImage.from_pretrained`` reads, with the denoiser built from its config (no weights) and
+    filled from the int8 file."""
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
+
+    from mmlm.config import from_dict
+    from mmlm.models.diffusion import TextEncoder, TextToImage, TextToImageConfig
+    from mmlm.models.diffusion.sampling import load_noise_scheduler
+
+    meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    model_config = from_dict(TextToImageConfig, meta["config"], where="model")
+    text_encoder = TextEncoder.from_folder(path / "text_encoder", path / "tokenizer", meta["text_encoder_class"],
+                                           model_config.text_encoder)
+    denoiser_class = PixArtTransformer2DModel if model_config.denoiser.kind == "transformer" else UNet2DConditionModel
+    denoiser = denoiser_class.from_config(denoiser_class.load_config(path / "denoiser"))
+    vae = AutoencoderKL.from_pretrained(path / "vae") if model_config.space == "latent" else None
+    model = TextToImage(model_config, text_encoder, denoiser, load_noise_scheduler(model_config, path / "scheduler"),
+                        vae, meta["latent_scale"])
+    model.eval()
+    quantize_denoiser(model, config)
+    weights = path / "denoiser" / DENOISER_WEIGHTS
+    state = load_int8_convolutions(denoiser, load_file(str(weights)), str(weights))
+    load_quantized_state(denoiser, state, str(weights))
     return model

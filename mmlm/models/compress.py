@@ -305,8 +305,8 @@ def _save_generator(model: nn.Module, out: Path, config: CompressionConfig) -> N
     from mmlm.models.diffusion.pretrained import CUSTOM_PIPELINE
 
     if model.config.pipeline is not None:
-        raise CompressionError(f"save_compressed: {model.config.pipeline} is a diffusers pipeline; its denoiser "
-                               "loads through diffusers, which reads no int8 weights: compress a from-scratch generator")
+        raise CompressionError(f"save_compressed: {model.config.pipeline} is a diffusers pipeline; its denoiser loads "
+                               "through diffusers, which reads no int8 weights: compress a from-scratch generator")
     model.save_pretrained(out)
     stored = quantize_denoiser(model, config)
     replaced = {key.replace(".qweight", ".weight") for key in stored if key.endswith(".qweight")}

@@ -170,7 +170,9 @@ class FlowConfig:
 
 @dataclasses.dataclass
 class LoraConfig:
-    """LoRA adapters (peft, saved in diffusers' LoRA format) on the denoiser's attention, optionally the text encoder's.
+    """LoRA adapters (peft) on the denoiser's attention, optionally the text encoder's. Saved in diffusers' LoRA
+    format where the pipeline loads one (``pipe.load_lora_weights``: Stable Diffusion), else in peft's own
+    (PixArt: ``PeftModel.from_pretrained(pipe.transformer, folder / "transformer_lora")``).
 
     Everything else is frozen; ``alpha`` defaults to ``rank`` (scale 1), as diffusers' LoRA training script does.
     """

@@ -273,18 +273,44 @@ def cmd_explain(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    """An int8 copy of a saved VLM or generator that mmlm.load reads."""
+    """An int8 copy of a saved VLM or generator, or a VLM with a pruned LM, that mmlm.load reads."""
     from mmlm.api import load
     from mmlm.models.compress import CompressionConfig, save_compressed, weights_bytes
     from mmlm.tasks.common import model_folder, model_kind
 
-    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip()) if args.parts else None
     source = model_folder(args.model)
+    if args.prune_mlp or args.prune_heads:
+        return _prune(args, source)
+    if not (args.int8 or args.int4):
+        raise ValueError("compress: give --int8, --int4, --prune-mlp or --prune-heads")
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip()) if args.parts else None
     config = CompressionConfig(scheme="int4" if args.int4 else "int8", parts=parts, model=model_kind(source))
     save_compressed(load(source), args.out, config)
     before, after = weights_bytes(source), weights_bytes(args.out)
     print(f"{args.out}: {config.scheme} ({', '.join(config.parts)}), weights {before / 1e6:.2f} MB -> "
           f"{after / 1e6:.2f} MB ({after / before:.2f}x)")
+    return 0
+
+
+def _prune(args, source: Path) -> int:
+    from mmlm.api import load_vlm
+    from mmlm.models.prune import PruneConfig, calibration_batches, parameter_count, save_pruned
+
+    if args.int8 or args.int4 or args.parts:
+        raise ValueError("compress: pruning writes an fp32 model; fine-tune it (model.init_from), then --int8")
+    config = PruneConfig(mlp=args.prune_mlp, heads=args.prune_heads, criterion=args.prune_criterion)
+    model = load_vlm(source)
+    calibration = None
+    if config.criterion == "activation":
+        if not args.calibration:
+            raise ValueError("--prune-criterion activation: give --calibration IMAGE... (captioned by the model)")
+        calibration = calibration_batches(model, [str(p) for p in _image_paths(args.calibration)])
+    before = parameter_count(model.language_model)
+    pruned = save_pruned(model, args.out, config, calibration)
+    after = parameter_count(pruned.language_model)
+    print(f"{args.out}: LM pruned ({config.criterion}: MLP {config.mlp:.0%}, heads {config.heads:.0%}), parameters "
+          f"{before / 1e6:.2f}M -> {after / 1e6:.2f}M ({after / before:.2f}x); recover with "
+          f"`mmlm train CONFIG model.init_from={args.out}`")
     return 0
 
 
@@ -475,14 +501,22 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, epilog=_examples("""
         mmlm compress runs/demo/captioner runs/demo/captioner_int8 --int8
         mmlm compress runs/demo/generator runs/demo/generator_int8 --int8
+        mmlm compress runs/demo/captioner runs/demo/captioner_pruned --prune-mlp 0.5
     """))
     p.add_argument("model", help="saved VLM or generator folder, or run folder")
     p.add_argument("out", help="folder to write")
-    scheme = p.add_mutually_exclusive_group(required=True)
+    scheme = p.add_mutually_exclusive_group()
     scheme.add_argument("--int8", action="store_true", help="int8 weights (torch.ao dynamic quantisation, CPU)")
     scheme.add_argument("--int4", action="store_true", help="int4 weights (not available with torch.ao: an error)")
     p.add_argument("--parts", default=None, help="comma list of language,projector,vision (a VLM) or denoiser "
                    "(a generator); default: all")
+    p.add_argument("--prune-mlp", type=float, default=0.0, metavar="FRACTION",
+                   help="remove this fraction of each LM layer's MLP channels (a smaller dense fp32 model)")
+    p.add_argument("--prune-heads", type=float, default=0.0, metavar="FRACTION",
+                   help="remove this fraction of each LM layer's key/value head groups")
+    p.add_argument("--prune-criterion", choices=["magnitude", "activation"], default="magnitude")
+    p.add_argument("--calibration", nargs="+", default=None, metavar="IMAGE",
+                   help="images (files or folders) for --prune-criterion activation")
     p.set_defaults(func=cmd_compress)
     return parser
 

@@ -136,8 +136,9 @@ def test_cli_prune_flags_and_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "LM pruned (magnitude: MLP 50%, heads 0%)" in out and "model.init_from=" in out
     assert mmlm.load(tmp_path / "p").language_model.config.intermediate_size == 64
-    for flags, message in ((["--prune-mlp", "1.5"], "fraction"), (["--prune-mlp", "0.5", "--int8"], "fine-tune"),
-                           (["--prune-heads", "0.5", "--prune-criterion", "activation"], "--calibration"), ([], "--int8")):
+    cases = ((["--prune-mlp", "1.5"], "fraction"), (["--prune-mlp", "0.5", "--int8"], "fine-tune"),
+             (["--prune-heads", "0.5", "--prune-criterion", "activation"], "--calibration"), ([], "--int8"))
+    for flags, message in cases:
         assert main(["compress", str(tmp_path / "model"), str(tmp_path / "x")] + flags) == 2, flags
         assert message in capsys.readouterr().err, flags
     with pytest.raises(PruningError, match="nothing to prune"):

@@ -4,7 +4,8 @@
   (greedy, a fixed number of new tokens, KV cache);
 * the demo captioner (``--captioner``, default runs/demo/captioner): file size, peak RSS, tokens/s, exact match and
   zero-shot accuracy (size + colour + kind of the main shape, scored as the caption's start) on the shapes test split;
-* the demo generator (``--generator``): images/s with its denoiser's Linear layers int8 (in memory; not saved).
+* the realistic shape with half its MLP channels pruned (``mmlm.models.prune``), fp32 and int8;
+* the demo generator (``--generator``): weights size, images/s and pixel difference, fp32 vs its int8 folder.
 
 Targets (issue 17): int8 at the realistic shape >= 1.5x fp32 tokens/s and <= 0.3x file size; <= 1 point of exact
 match lost on the demo captioner. Run it alone on the machine; ``--quick`` is a smoke run (2 layers, few tokens).
@@ -32,12 +33,15 @@ SMOLLM2_135M = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 
                 "rms_norm_eps": 1e-5}
 
 
-def build_lm(layers: int, int8: bool, state_file: str | None = None):
+def build_lm(layers: int, int8: bool, state_file: str | None = None, intermediate: int | None = None):
+    """The SmolLM2-135M shape (``layers`` deep; ``intermediate``: a pruned MLP width), int8 or not, random init or
+    filled from ``state_file``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from mmlm.models.compress import load_quantized_state, quantize_language_model
 
-    config = AutoConfig.for_model(**{**SMOLLM2_135M, "num_hidden_layers": layers})
+    shape = {**SMOLLM2_135M, "num_hidden_layers": layers}
+    config = AutoConfig.for_model(**{**shape, **({"intermediate_size": intermediate} if intermediate else {})})
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config).eval()
     if int8:
@@ -63,8 +67,8 @@ def _peak_rss_child(kind: str, args: tuple, queue) -> None:
     """In a fresh process: load one form, run it once, report the peak resident memory (MB)."""
     torch.set_num_threads(1)
     if kind == "lm":
-        layers, int8, state_file = args
-        lm_tokens_per_s(build_lm(layers, int8, state_file), 1, 4)
+        layers, int8, state_file, intermediate = args
+        lm_tokens_per_s(build_lm(layers, int8, state_file, intermediate), 1, 4)
     else:
         import mmlm
         from mmlm.data.shapes import generate_shapes
@@ -81,25 +85,35 @@ def peak_rss_mb(kind: str, *args) -> float:
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_rss_child, args=(kind, args, queue))
     proc.start()
-    value = queue.get(timeout=1800)
-    proc.join()
-    return value
+    proc.join(timeout=1800)
+    if proc.exitcode != 0:  # its traceback is on stderr; a child that died must not leave the run waiting
+        raise RuntimeError(f"peak-memory child for {kind} {args} ended with exit code {proc.exitcode}")
+    return queue.get(timeout=10)
 
 
 def realistic(layers: int, new_tokens: int, tmp: Path) -> None:
-    from mmlm.models.compress import quantized_state
+    """fp32, int8, half the MLP channels pruned (mmlm.models.prune, magnitude) and pruned + int8."""
+    import copy
+    import types
+
+    from mmlm.models.compress import quantize_language_model, quantized_state
+    from mmlm.models.prune import PruneConfig, pruned_language_model
 
     print(f"\n== SmolLM2-135M shape, {layers} layers, random init (speed and size only) ==")
+    fp32 = build_lm(layers, False)
+    pruned = pruned_language_model(types.SimpleNamespace(language_model=fp32), PruneConfig(mlp=0.5))
+    half = pruned.config.intermediate_size
+    forms = {"fp32": (fp32, False, None), "int8": (quantize_language_model(copy.deepcopy(fp32)), True, None),
+             "mlp50": (pruned, False, half), "mlp50+int8": (quantize_language_model(copy.deepcopy(pruned)), True, half)}
     rows = {}
-    for name, int8 in (("fp32", False), ("int8", True)):
-        lm = build_lm(layers, int8)
+    for name, (lm, int8, intermediate) in forms.items():
         path = tmp / f"lm_{name}.safetensors"
         state = quantized_state(lm) if int8 else {k: v.contiguous() for k, v in lm.state_dict().items()
                                                   if k != "lm_head.weight"}  # tied: stored once
         save_file(state, str(path))
         rows[name] = {"MB": path.stat().st_size / 1e6, "tok/s b1": lm_tokens_per_s(lm, 1, new_tokens),
                       "tok/s b16": lm_tokens_per_s(lm, 16, new_tokens),
-                      "peak RSS MB": peak_rss_mb("lm", layers, int8, str(path))}
+                      "peak RSS MB": peak_rss_mb("lm", layers, int8, str(path), intermediate)}
     _table(rows)
 
 
@@ -139,33 +153,36 @@ def demo_captioner(folder: Path, n: int, tmp: Path) -> None:
     print("  (tok/s: 24 new tokens per row, stopping at EOS is not forced: a short caption counts as 24)")
 
 
-def demo_generator(folder: Path, images: int, steps: int) -> None:
+def demo_generator(folder: Path, images: int, steps: int, tmp: Path) -> None:
     import mmlm
-    from mmlm.models.compress import quantize_linear_layers
+    from mmlm.models.compress import save_compressed, weights_bytes
+    from mmlm.tasks.common import model_folder
 
-    print(f"\n== demo generator {folder}: {images} images, {steps} steps (denoiser Linear layers int8, in memory) ==")
-    model = mmlm.load(folder)
-    model.eval()
+    folder = model_folder(folder)
+    print(f"\n== demo generator {folder}: {images} images, {steps} steps (int8 denoiser, saved and loaded) ==")
+    save_compressed(mmlm.load(folder), tmp / "generator_int8")
     prompts = ["a small red circle on the left"] * images
-    rows = {}
-    for name in ("fp32", "int8"):
-        if name == "int8":
-            quantize_linear_layers(model.denoiser.eval())
+    rows, drawn = {}, {}
+    for name, path in (("fp32", folder), ("int8", tmp / "generator_int8")):
+        model = mmlm.load(path)
         model.generate(prompts[:1], num_inference_steps=2, seed=0)
         start = time.perf_counter()
-        model.generate(prompts, num_inference_steps=steps, seed=0)
-        rows[name] = {"images/s": images / (time.perf_counter() - start)}
+        drawn[name] = model.generate(prompts, num_inference_steps=steps, seed=0, output_type="pt")
+        rows[name] = {"MB": weights_bytes(path) / 1e6, "images/s": images / (time.perf_counter() - start)}
     _table(rows)
+    print(f"  mean |int8 - fp32| pixel (0-1 scale), same seeds: {(drawn['int8'] - drawn['fp32']).abs().mean():.4f}")
 
 
 def _table(rows: dict[str, dict[str, float]]) -> None:
+    """The forms' figures, then each form's ratio to the first (fp32)."""
     keys = list(next(iter(rows.values())))
-    print("  " + f"{'form':<6}" + "".join(f"{k:>14}" for k in keys))
-    for name, row in rows.items():
-        print("  " + f"{name:<6}" + "".join(f"{row[k]:>14.2f}" for k in keys))
-    if len(rows) == 2:
-        a, b = rows.values()
-        print("  " + f"{'ratio':<6}" + "".join(f"{(b[k] / a[k] if a[k] else float('nan')):>14.2f}" for k in keys))
+    first, *others = rows
+    lines = [("form", [f"{k:>14}" for k in keys])]
+    lines += [(name, [f"{row[k]:>14.2f}" for k in keys]) for name, row in rows.items()]
+    lines += [(f"{name}/{first}", [f"{(rows[name][k] / rows[first][k] if rows[first][k] else float('nan')):>14.2f}"
+                                   for k in keys]) for name in others]
+    for label, cells in lines:
+        print(f"  {label:<16}" + "".join(cells))
 
 
 def main() -> None:
@@ -181,7 +198,7 @@ def main() -> None:
         realistic(2 if args.quick else 30, 4 if args.quick else 32, tmp)
         stages = (("captioner", args.captioner, lambda f: demo_captioner(f, 8 if args.quick else 500, tmp)),
                   ("generator", args.generator, lambda f: demo_generator(f, 2 if args.quick else 16,
-                                                                         2 if args.quick else 20)))
+                                                                         2 if args.quick else 20, tmp)))
         for kind, folder, run in stages:
             if Path(folder, "config.json").is_file() or Path(folder, "model", "config.json").is_file():
                 run(Path(folder))

@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder to write")
     scheme = p.add_mutually_exclusive_group()
     scheme.add_argument("--int8", action="store_true", help="int8 weights (torch.ao dynamic quantisation, CPU)")
-    scheme.add_argument("--int4", action="store_true", help="int4 weights (not available with torch.ao: an error)")
+    scheme.add_argument("--int4", action="store_true", help="int4 weights (no CPU kernel that pays: an error saying why)")
     p.add_argument("--parts", default=None, help="comma list of language,projector,vision (a VLM) or denoiser "
                    "(a generator); default: all")
     p.add_argument("--prune-mlp", type=float, default=0.0, metavar="FRACTION",

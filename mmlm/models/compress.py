@@ -5,8 +5,11 @@ PyTorch's own kernels do the work (``torch.ao``; fbgemm/x86 on CPU): every ``nn.
 the projector and the vision tower (a ViT's blocks; a CNN has none and stays fp32) becomes a
 dynamically quantised int8 Linear (per-channel int8 weights, activations quantised on the fly),
 and the LM's token embedding becomes an int8 (per-row) quantised embedding. A tied LM head is
-untied first so that both ends are int8. torch.ao has CPU kernels for int8 only: int4 needs torchao,
-which is not a dependency (its import makes transformers and diffusers log warnings on torch 2.14).
+untied first so that both ends are int8. No int4: torchao 0.18 (checked with torch 2.14.1) has int4
+weight-only kernels for CUDA, XPU and NPU only (PLAIN/PRESHUFFLED need mslk, TILE_PACKED_TO_4D CUDA, PLAIN_INT32
+XPU/NPU; the CPU "opaque" layout is gone); its CPU ``IntxWeightOnlyConfig(int4)`` keeps int4 values in int8
+storage and dequantises per call (83x slower than fp32 on a 576x1536 Linear); PyTorch's own
+``_weight_int4pack_mm_for_cpu`` was 34x (fp32 input) and 2.8x (bf16) slower than a dense matmul at batch 1.
 
 A generator (``TextToImage`` saved from scratch): its denoiser's Linear layers become int8 the same way;
 torch.ao has no dynamic int8 convolution, so its Conv weights are *stored* int8 (per output channel) and
@@ -63,8 +66,9 @@ class CompressionConfig:
 
     def __post_init__(self):
         if self.scheme == "int4":
-            raise CompressionError("int4: PyTorch's built-in CPU quantisation (torch.ao) has int8 kernels only; "
-                                   "int4 weight-only needs torchao, which mmlm does not depend on; use int8")
+            raise CompressionError("int4: no CPU kernel that pays: torchao 0.18's int4 weight-only layouts run on "
+                                   "CUDA, XPU or NPU only (its CPU layout is gone), and the int4 CPU matmul in "
+                                   "PyTorch itself measured 2.8-34x slower than fp32; use int8")
         if self.scheme not in SCHEMES:
             raise CompressionError(f"scheme: expected one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if self.model not in PARTS:

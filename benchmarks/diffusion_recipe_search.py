@@ -88,14 +88,14 @@ def fidelity_curve(run_dir: Path) -> list[dict]:
 
 
 def run_variant(name: str, overrides: list[str], steps: int, every: int, samples: int, out: Path,
-                threads: int | None = None) -> list[dict]:
+                threads: int | None = None, resume: bool = False) -> list[dict]:
     run_dir = out / name
     settings = [f"output_dir={run_dir}", f"train.max_steps={steps}", "train.max_minutes=null",
                 *([f"train.num_threads={threads}"] if threads else []),
                 f"train.eval_every={every}", f"train.log_every={every}", "eval.splits=[]",
                 f"data.shapes.n_val={samples}",  # the recipe's val split is smaller than --samples
                 'eval.samplers=["dpm++:20"]', f"eval.max_samples={samples}", "eval.num_examples=32"]
-    train(RECIPE, settings + overrides)
+    train(RECIPE, settings + overrides, resume=resume)
     return fidelity_curve(run_dir)
 
 
@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=96, help="val captions generated per evaluation")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (train.num_threads)")
     parser.add_argument("--out", default=None, help="run folders go here (default: a temporary folder)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each variant from its latest checkpoint in --out (with --set train.save_every=N)")
     parser.add_argument("--quick", action="store_true", help="tiny data and model, a few steps: checks the script")
     args = parser.parse_args()
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -121,7 +123,7 @@ def main() -> None:
     table = {}
     for name in args.variants:
         table[name] = run_variant(name, VARIANTS[name] + args.set, args.steps, args.every, args.samples, out,
-                                  args.threads)
+                                  args.threads, args.resume)
         print(f"\n{name}: {' '.join(VARIANTS[name] + args.set) or '(the recipe)'}", flush=True)
         for row in table[name]:
             print(f"  step {row['step']:5d}  {row['minutes']:5.1f} min (contended)  fidelity {row['fidelity']:6.1%}"

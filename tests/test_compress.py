@@ -150,8 +150,8 @@ def test_a_compressed_folder_is_smaller_and_holds_only_plain_tensors(tmp_path):
     from safetensors.torch import load_file
 
     state = load_file(str(tmp_path / "int8" / "model.safetensors"))
-    assert state["language_model.model.embed_tokens.qweight"].dtype == torch.uint8
-    assert state["language_model.lm_head.qweight"].dtype == torch.int8  # untied, int8 too
+    assert state["language_model.lm_head.qweight"].dtype == torch.int8
+    assert not any(k.startswith("language_model.model.embed_tokens.") for k in state)  # tied: stored once, as the head
     assert state["projector.weight"].dtype == torch.float32  # projector left out by --parts
     lm_fp32 = sum(v.numel() * 4 for k, v in load_file(str(tmp_path / "fp32" / "model.safetensors")).items()
                   if k.startswith("language_model."))
@@ -251,3 +251,30 @@ def test_cli_compresses_a_generator_and_refuses_a_pipeline_or_vlm_part(tmp_path,
         save_compressed(model, tmp_path / "pipeline", CompressionConfig(model="text_to_image"))
     with pytest.raises(CompressionError, match="text_to_image model, got VisionLanguageModel"):
         save_compressed(tiny_vlm(CNN, "mlp"), tmp_path / "wrong", CompressionConfig(model="text_to_image"))
+
+
+def test_a_tied_embedding_is_the_heads_int8_matrix_stored_once_and_old_folders_with_two_still_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_vlm(CNN, "mlp")
+    assert model.language_model.config.tie_word_embeddings
+    images = [r.image for r in generate_shapes(3, config=ONE_SHAPE)]
+    save_compressed(model, tmp_path / "int8")
+    lm = model.language_model
+    head_rows = lm.get_output_embeddings().weight().dequantize()
+    embedded = lm.get_input_embeddings()(torch.arange(head_rows.shape[0]))
+    assert (embedded - head_rows).abs().max() <= head_rows.abs().max() / 200  # one int8 matrix, two layouts
+    loaded = mmlm.load(tmp_path / "int8")
+    assert torch.equal(loaded.language_model.get_input_embeddings()(torch.arange(5)), embedded[:5])
+    assert loaded.caption(images, max_new_tokens=6) == model.caption(images, max_new_tokens=6)
+
+    # a folder written before tied pairs were stored once holds the embedding too: it is read as its own rows
+    weights = tmp_path / "int8" / "model.safetensors"
+    state = load_file(str(weights))
+    own = int8_embedding(torch.nn.Embedding.from_pretrained(torch.randn_like(head_rows))).weight()
+    name = "language_model.model.embed_tokens"
+    state.update({f"{name}.qweight": own.int_repr(), f"{name}.qscale": own.q_per_channel_scales().float().clone(),
+                  f"{name}.qzero": own.q_per_channel_zero_points().clone()})
+    save_file(state, str(weights), metadata={"format": "pt"})
+    old = mmlm.load(tmp_path / "int8")
+    assert torch.equal(old.language_model.get_input_embeddings()(torch.arange(5)), own.dequantize()[:5])

@@ -4,12 +4,15 @@
 PyTorch's own kernels do the work (``torch.ao``; fbgemm/x86 on CPU): every ``nn.Linear`` of the LM,
 the projector and the vision tower (a ViT's blocks; a CNN has none and stays fp32) becomes a
 dynamically quantised int8 Linear (per-channel int8 weights, activations quantised on the fly),
-and the LM's token embedding becomes an int8 (per-row) quantised embedding. A tied LM head is
-untied first so that both ends are int8. No int4: torchao 0.18 (checked with torch 2.14.1) has int4
-weight-only kernels for CUDA, XPU and NPU only (PLAIN/PRESHUFFLED need mslk, TILE_PACKED_TO_4D CUDA, PLAIN_INT32
-XPU/NPU; the CPU "opaque" layout is gone); its CPU ``IntxWeightOnlyConfig(int4)`` keeps int4 values in int8
-storage and dequantises per call (83x slower than fp32 on a 576x1536 Linear); PyTorch's own
-``_weight_int4pack_mm_for_cpu`` was 34x (fp32 input) and 2.8x (bf16) slower than a dense matmul at batch 1.
+and the LM's token embedding becomes an int8 (per-row) quantised embedding. A tied LM head stays one
+matrix on disk: the head is quantised, and the embedding is rebuilt from the head's int8 values (when
+quantising and when loading), so the vocabulary matrix is stored once.
+
+No int4: torchao 0.18 (checked with torch 2.14.1) has int4 weight-only kernels for CUDA, XPU and NPU only
+(PLAIN/PRESHUFFLED need mslk, TILE_PACKED_TO_4D CUDA, PLAIN_INT32 XPU/NPU; the CPU "opaque" layout is
+gone); its CPU ``IntxWeightOnlyConfig(int4)`` keeps int4 values in int8 storage and dequantises per call
+(83x slower than fp32 on a 576x1536 Linear); PyTorch's own ``_weight_int4pack_mm_for_cpu`` was 34x
+(fp32 input) and 2.8x (bf16) slower than a dense matmul at batch 1.
 
 A generator (``TextToImage`` saved from scratch): its denoiser's Linear layers become int8 the same way;
 torch.ao has no dynamic int8 convolution, so its Conv weights are *stored* int8 (per output channel) and
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import PreTrainedModel
 
 COMPRESSION_NAME = "compression.json"
 SCHEMES = ("int8",)
@@ -47,7 +51,13 @@ with warnings.catch_warnings():  # torch.ao's eager API warns of its move to tor
 
 
 class Int8Embedding(_nnq.Embedding):
-    """torch.ao's int8 (per-row) embedding, taking non-contiguous ids too (its kernel needs contiguous ones)."""
+    """torch.ao's int8 (per-row) embedding, taking non-contiguous ids too (its kernel needs contiguous ones).
+
+    ``from_head``: the LM's head was tied to this embedding; its rows are the head's int8 rows, which are the
+    ones saved.
+    """
+
+    from_head: bool = False
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         return super().forward(indices.contiguous())
@@ -92,15 +102,18 @@ def _quantization():
     return nnq, nnqd, quantize_dynamic, per_channel_dynamic_qconfig, float_qparams_weight_only_qconfig
 
 
-def _untie_head(lm: nn.Module) -> None:
+def _untie_head(lm: nn.Module) -> bool:
+    """Give the head its own weight (so both ends can be quantised); True if they were tied."""
     head = lm.get_output_embeddings()
-    if head is not None and head.weight is lm.get_input_embeddings().weight:
+    tied = head is not None and head.weight is lm.get_input_embeddings().weight
+    if tied:
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     config = getattr(lm, "config", None)
     if config is not None:  # so no later tie_weights() call ties them back
         config.tie_word_embeddings = False
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         text_config.tie_word_embeddings = False
+    return tied
 
 
 def quantize_linear_layers(module: nn.Module) -> nn.Module:
@@ -114,15 +127,28 @@ def quantize_linear_layers(module: nn.Module) -> nn.Module:
 
 def quantize_language_model(lm: nn.Module, embeddings: bool = True) -> nn.Module:
     """A transformers causal LM with int8 Linear layers and (``embeddings``) an int8 token embedding
-    and untied int8 head, in place."""
+    and int8 head, in place. A tied pair keeps one int8 matrix: the embedding is made from the head's."""
     from mmlm.models.language import base_causal_lm
 
     lm.eval().requires_grad_(False)
     base = base_causal_lm(lm)
-    if embeddings:
-        _untie_head(base)
+    if not embeddings:
+        return quantize_linear_layers(lm)
+    tied = _untie_head(base)
+    if not tied:
         base.set_input_embeddings(int8_embedding(base.get_input_embeddings()))
-    return quantize_linear_layers(lm)
+    quantize_linear_layers(lm)
+    if tied:
+        _embedding_from_head(base)
+    return lm
+
+
+def _embedding_from_head(lm: nn.Module) -> None:
+    """Set ``lm``'s input embedding to the int8 form of its (int8) head's rows."""
+    head = lm.get_output_embeddings()
+    embedding = int8_embedding(nn.Embedding.from_pretrained(head.weight().dequantize()))
+    embedding.from_head = True
+    lm.set_input_embeddings(embedding)
 
 
 def int8_embedding(embedding: nn.Embedding) -> Int8Embedding:
@@ -145,6 +171,15 @@ def int8_embedding(embedding: nn.Embedding) -> Int8Embedding:
     int8 = Int8Embedding(embedding.num_embeddings, embedding.embedding_dim)
     int8.set_weight(qweight)  # prepack copies the values and the per-row parameters
     return int8
+
+
+def _models_with_embedding_from_head(model: nn.Module) -> list[nn.Module]:
+    """The causal LMs inside ``model`` (the modules owning a head) whose int8 embedding is made from their head."""
+    from mmlm.models.language import base_causal_lm
+
+    lms = [base_causal_lm(m) for m in model.modules() if isinstance(m, PreTrainedModel)]
+    return [lm for lm in lms if any(child is lm.get_output_embeddings() for child in lm.children())
+            and getattr(lm.get_input_embeddings(), "from_head", False)]
 
 
 def quantize(model: nn.Module, config: CompressionConfig | None = None) -> nn.Module:
@@ -171,6 +206,8 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     quantized = _quantized_modules(model)
     for name, module in quantized.items():
+        if getattr(module, "from_head", False):
+            continue  # rebuilt from the head's int8 rows when loading
         weight = module.weight()  # its scales may alias the module's packed memory (see int8_embedding): copy them
         state[f"{name}.qweight"] = weight.int_repr()
         state[f"{name}.qscale"] = weight.q_per_channel_scales().float().clone()
@@ -189,7 +226,13 @@ def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], where
     """Fill a quantised skeleton from ``quantized_state``'s tensors; every tensor must be used, none missing."""
     nnq, nnqd, *_ = _quantization()
     state = dict(state)
+    rebuilt = []
     for name, module in _quantized_modules(model).items():
+        if getattr(module, "from_head", False):
+            if f"{name}.qweight" not in state:
+                rebuilt.append(name)
+                continue
+            module.from_head = False  # a folder saved before tied pairs were stored once: its own rows
         try:
             ints, scales, zeros = (state.pop(f"{name}.{k}") for k in ("qweight", "qscale", "qzero"))
         except KeyError as err:
@@ -200,6 +243,9 @@ def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], where
         else:
             weight = torch._make_per_channel_quantized_tensor(ints, scales.double(), zeros, 0)
             module.set_weight_bias(weight, state.pop(f"{name}.bias", None))
+    if rebuilt:
+        for lm in _models_with_embedding_from_head(model):
+            _embedding_from_head(lm)
     # int8 modules read only their own state-dict layout: copy the remaining float tensors one by one.
     prefixes = tuple(f"{n}." for n in _quantized_modules(model))
     targets = {k: v for k, v in model.state_dict(keep_vars=True).items()

@@ -171,6 +171,30 @@ def test_resume_picks_only_complete_checkpoints(tmp_path):
     assert Trainer(fresh, NoisyTask(fresh), resume=True).step == 0  # nothing to resume: start
 
 
+def test_resume_into_a_new_folder_and_after_a_cut_short_metrics_line(tmp_path):
+    config = make_config(tmp_path / "run", max_steps=4, save_every=2, eval_every=None)
+    Trainer(config, NoisyTask(config)).fit()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:3]) + "\n" + lines[3][:7])  # kill -9 in the middle of a write
+
+    reset_accelerate_state()
+    resumed = Trainer(config, NoisyTask(config), resume=str(tmp_path / "run" / "checkpoints" / "step_000002"))
+    assert resumed.step == 2 and resumed.fit()["step"] == 4
+    assert [r["step"] for r in read_metrics(metrics) if "loss" in r] == [1, 2, 3, 4]  # the cut line is gone
+
+    reset_accelerate_state()
+    elsewhere = make_config(tmp_path / "elsewhere", max_steps=4, save_every=2, eval_every=None)
+    moved = Trainer(elsewhere, NoisyTask(elsewhere), resume=str(tmp_path / "run" / "checkpoints" / "step_000002"))
+    assert moved.fit()["step"] == 4
+    assert [r["step"] for r in read_metrics(tmp_path / "elsewhere" / "metrics.jsonl") if "loss" in r] == [3, 4]
+
+    metrics.write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # a bad line inside is an error, not a crash trace
+    reset_accelerate_state()
+    with pytest.raises(ValueError, match="metrics.jsonl:2: invalid JSON"):
+        Trainer(config, NoisyTask(config), resume=True).fit()
+
+
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     config = make_config(tmp_path / "run", max_steps=8, save_every=2, eval_every=None)
     trainer = Trainer(config, NoisyTask(config))

@@ -19,7 +19,7 @@ class MetricsLog:
         self.path = Path(path)
         kept = []
         if resume_step is not None:  # drop records a crashed run wrote after its last checkpoint
-            kept = [r for r in read_metrics_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            kept = [r for r in _records_before_a_crash(self.path) if r.get("step", 0) <= resume_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self._file = self.path.open("a", encoding="utf-8")
         self._tensorboard = None
@@ -42,6 +42,18 @@ class MetricsLog:
         self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def _records_before_a_crash(path: Path) -> list[dict[str, Any]]:
+    """The records of a run being resumed: none when the folder is new (a checkpoint resumed elsewhere), and
+    without a last line cut short by the crash (a bad line anywhere else is still an error)."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):  # the write the crash interrupted
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text, encoding="utf-8")
+    return read_metrics_jsonl(path)
 
 
 @dataclasses.dataclass

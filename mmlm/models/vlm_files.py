@@ -42,8 +42,9 @@ def read_saved(path: Path) -> tuple[VLMConfig, Any, Any]:
     except (json.JSONDecodeError, KeyError) as err:
         raise ConfigError(f"{config_file}: not a VisionLanguageModel config ({err})") from err
     trust = config.language.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     lm_config = AutoConfig.from_pretrained(path / LANGUAGE_DIR, trust_remote_code=trust)
+    # config=: else AutoTokenizer reads the folder's own config.json (mmlm's) and warns of a model-type mismatch
+    tokenizer = AutoTokenizer.from_pretrained(path, config=lm_config, trust_remote_code=trust)
     return config, tokenizer, lm_config
 
 

@@ -14,9 +14,7 @@ gone); its CPU ``IntxWeightOnlyConfig(int4)`` keeps int4 values in int8 storage 
 (83x slower than fp32 on a 576x1536 Linear); PyTorch's own ``_weight_int4pack_mm_for_cpu`` was 34x
 (fp32 input) and 2.8x (bf16) slower than a dense matmul at batch 1.
 
-A generator (``TextToImage`` saved from scratch): its denoiser's Linear layers become int8 the same way;
-torch.ao has no dynamic int8 convolution, so its Conv weights are *stored* int8 (per output channel) and
-computed in fp32 after loading: the file shrinks, the convolutions' speed does not change.
+A generator (``TextToImage`` saved from scratch): see :mod:`mmlm.models.compress_generator`.
 
 A compressed folder is the model's ordinary folder (config.json, tokenizer, language/config.json; a
 generator's denoiser/, text_encoder/, ...) whose weights file (``model.safetensors``;
@@ -41,8 +39,6 @@ COMPRESSION_NAME = "compression.json"
 SCHEMES = ("int8",)
 PARTS = {"vision_language": ("language", "projector", "vision"), "text_to_image": ("denoiser",)}
 MODEL_CLASSES = {"VisionLanguageModel": "vision_language", "TextToImage": "text_to_image"}
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-DENOISER_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name, as save_pretrained writes it
 
 
 with warnings.catch_warnings():  # torch.ao's eager API warns of its move to torchao; its CPU kernels are current
@@ -91,7 +87,7 @@ class CompressionConfig:
                                    f"subset of {', '.join(known)} for a {self.model.replace('_', '-')} model")
 
 
-def _quantization():
+def ao_quantization():
     """torch.ao's eager quantisation modules, without its deprecation warning (the kernels are current)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -118,7 +114,7 @@ def _untie_head(lm: nn.Module) -> bool:
 
 def quantize_linear_layers(module: nn.Module) -> nn.Module:
     """Every ``nn.Linear`` inside ``module`` -> a dynamically quantised int8 Linear (per-channel weights), in place."""
-    *_, quantize_dynamic, linear_qconfig, _ = _quantization()
+    *_, quantize_dynamic, linear_qconfig, _ = ao_quantization()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_dynamic(module, {nn.Linear: linear_qconfig}, dtype=torch.qint8, inplace=True)
@@ -160,7 +156,7 @@ def int8_embedding(embedding: nn.Embedding) -> Int8Embedding:
     they are freed memory: garbage rows, NaN activations downstream ("min should be less than or equal
     to max" from the next dynamic Linear), varying with whatever the allocator reused.
     """
-    *_, embedding_qconfig = _quantization()
+    *_, embedding_qconfig = ao_quantization()
     observer = embedding_qconfig.weight()
     weight = embedding.weight.detach().float()
     observer(weight)
@@ -196,7 +192,7 @@ def quantize(model: nn.Module, config: CompressionConfig | None = None) -> nn.Mo
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    nnq, nnqd, *_ = _quantization()
+    nnq, nnqd, *_ = ao_quantization()
     return {name: m for name, m in model.named_modules() if isinstance(m, (nnqd.Linear, nnq.Embedding))}
 
 
@@ -224,7 +220,7 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Fill a quantised skeleton from ``quantized_state``'s tensors; every tensor must be used, none missing."""
-    nnq, nnqd, *_ = _quantization()
+    nnq, nnqd, *_ = ao_quantization()
     state = dict(state)
     rebuilt = []
     for name, module in _quantized_modules(model).items():
@@ -262,59 +258,6 @@ def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], where
             target.copy_(state[key])
 
 
-def int8_convolutions(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Round every convolution weight in ``module`` to int8 (per output channel, symmetric: torch.ao's
-    per-channel weight observer), in place; returns the stored form (``{conv}.qweight/.qscale/.qzero``).
-
-    Storage only, by hand: torch.ao has no dynamic int8 convolution, so the layers compute in fp32 on the
-    rounded weights, the same values :func:`load_int8_convolutions` rebuilds from the file."""
-    *_, linear_qconfig, _ = _quantization()
-    stored = {}
-    for name, conv in module.named_modules():
-        if not isinstance(conv, CONVOLUTIONS):
-            continue
-        observer = linear_qconfig.weight()
-        observer(conv.weight.detach())
-        scales, zeros = observer.calculate_qparams()
-        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-        ints = torch.round(conv.weight.detach() / scales.view(shape)).add(zeros.view(shape)).clamp(-128, 127)
-        stored.update({f"{name}.qweight": ints.to(torch.int8), f"{name}.qscale": scales.float(),
-                       f"{name}.qzero": zeros.to(torch.int64)})
-        with torch.no_grad():
-            conv.weight.copy_(_dequantized(stored, name, conv.weight.dim()))
-    return stored
-
-
-def _dequantized(state: dict[str, torch.Tensor], name: str, dims: int) -> torch.Tensor:
-    shape = (-1,) + (1,) * (dims - 1)
-    ints, scales, zeros = (state[f"{name}.{k}"] for k in ("qweight", "qscale", "qzero"))
-    return (ints.float() - zeros.view(shape).float()) * scales.view(shape)
-
-
-def load_int8_convolutions(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """``state`` with each convolution's stored int8 weight turned back into its fp32 ``{conv}.weight``."""
-    state = dict(state)
-    for name, conv in module.named_modules():
-        if isinstance(conv, CONVOLUTIONS):
-            if f"{name}.qweight" not in state:
-                raise CompressionError(f"{where}: no {name}.qweight for the int8-stored convolution {name}")
-            state[f"{name}.weight"] = _dequantized(state, name, conv.weight.dim())
-            for key in ("qweight", "qscale", "qzero"):
-                del state[f"{name}.{key}"]
-    return state
-
-
-def quantize_denoiser(model: nn.Module, config: CompressionConfig | None = None) -> dict[str, torch.Tensor]:
-    """A TextToImage's denoiser with int8 Linear layers and int8-rounded convolutions, in place (inference
-    only); returns the convolutions' stored form (see :func:`int8_convolutions`)."""
-    config = config or CompressionConfig(model="text_to_image")
-    denoiser = model.denoiser.eval().requires_grad_(False)
-    stored = int8_convolutions(denoiser)
-    quantize_linear_layers(denoiser)
-    model.compression = config
-    return stored
-
-
 def is_compressed(path: str | Path) -> bool:
     return (Path(path) / COMPRESSION_NAME).is_file()
 
@@ -338,7 +281,9 @@ def save_compressed(model: nn.Module, out: str | Path, config: CompressionConfig
         raise CompressionError("save_compressed: the model is already quantised; pass the fp32 model")
     out = Path(out)
     if kind == "text_to_image":
-        _save_generator(model, out, config)
+        from mmlm.models.compress_generator import save_generator
+
+        save_generator(model, out, config)
     else:
         from mmlm.models.vlm_files import WEIGHTS_NAME
 
@@ -349,22 +294,6 @@ def save_compressed(model: nn.Module, out: str | Path, config: CompressionConfig
             "embeddings": config.embeddings, "library": f"torch.ao dynamic quantisation (torch {torch.__version__})"}
     (out / COMPRESSION_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return model
-
-
-def _save_generator(model: nn.Module, out: Path, config: CompressionConfig) -> None:
-    from mmlm.models.diffusion.pretrained import CUSTOM_PIPELINE
-
-    if model.config.pipeline is not None:
-        raise CompressionError(f"save_compressed: {model.config.pipeline} is a diffusers pipeline; its denoiser loads "
-                               "through diffusers, which reads no int8 weights: compress a from-scratch generator")
-    model.save_pretrained(out)
-    stored = quantize_denoiser(model, config)
-    replaced = {key.replace(".qweight", ".weight") for key in stored if key.endswith(".qweight")}
-    state = {k: v for k, v in quantized_state(model.denoiser).items() if k not in replaced}
-    save_file({**state, **stored}, str(out / "denoiser" / DENOISER_WEIGHTS),
-              metadata={"format": "pt", "mmlm": config.scheme})
-    for name in ("model_index.json", f"{CUSTOM_PIPELINE}.py"):  # DiffusionPipeline cannot read int8 weights
-        (out / name).unlink(missing_ok=True)
 
 
 def _read_record(path: Path) -> CompressionConfig:
@@ -384,7 +313,9 @@ def load_compressed(path: str | Path) -> nn.Module:
     path = Path(path)
     config = _read_record(path)
     if config.model == "text_to_image":
-        return _load_generator(path, config)
+        from mmlm.models.compress_generator import load_generator
+
+        return load_generator(path, config)
     from mmlm.models.vlm import VisionLanguageModel
     from mmlm.models.vlm_files import WEIGHTS_NAME, read_saved
 
@@ -393,30 +324,4 @@ def load_compressed(path: str | Path) -> nn.Module:
     model = VisionLanguageModel.from_config(vlm_config, _lm_config=lm_config, _tokenizer=tokenizer)
     quantize(model, config)
     load_quantized_state(model, load_file(str(path / WEIGHTS_NAME)), str(path / WEIGHTS_NAME))
-    return model
-
-
-def _load_generator(path: Path, config: CompressionConfig) -> nn.Module:
-    """The parts ``TextToImage.from_pretrained`` reads, with the denoiser built from its config (no weights) and
-    filled from the int8 file."""
-    from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
-
-    from mmlm.config import from_dict
-    from mmlm.models.diffusion import TextEncoder, TextToImage, TextToImageConfig
-    from mmlm.models.diffusion.sampling import load_noise_scheduler
-
-    meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    model_config = from_dict(TextToImageConfig, meta["config"], where="model")
-    text_encoder = TextEncoder.from_folder(path / "text_encoder", path / "tokenizer", meta["text_encoder_class"],
-                                           model_config.text_encoder)
-    denoiser_class = PixArtTransformer2DModel if model_config.denoiser.kind == "transformer" else UNet2DConditionModel
-    denoiser = denoiser_class.from_config(denoiser_class.load_config(path / "denoiser"))
-    vae = AutoencoderKL.from_pretrained(path / "vae") if model_config.space == "latent" else None
-    model = TextToImage(model_config, text_encoder, denoiser, load_noise_scheduler(model_config, path / "scheduler"),
-                        vae, meta["latent_scale"])
-    model.eval()
-    quantize_denoiser(model, config)
-    weights = path / "denoiser" / DENOISER_WEIGHTS
-    state = load_int8_convolutions(denoiser, load_file(str(weights)), str(weights))
-    load_quantized_state(denoiser, state, str(weights))
     return model

@@ -25,6 +25,7 @@ ZERO_SHOT_TEMPLATES = ["a small {}", "a large {}"]  # captions start "a <size> <
 DEMO_PROMPTS = ["a large red circle in the center", "a small blue square on the left",
                 "a large green triangle at the top", "a small yellow star on the right",
                 "a large purple square at the bottom", "a small orange circle in the center"]
+EXPLAINED_IMAGES = 3  # test images whose explanation overlays the report shows
 ZERO_SHOT_IMAGES = 500  # +-2 points (95%) at 90% accuracy: 1.96 * sqrt(.9 * .1 / 500) = 2.6, 1.9 at 95%
 
 # --quick: the same path at a fraction of the steps, each stage also capped in minutes (said so in the report).
@@ -326,6 +327,7 @@ def write_report(out: Path, metrics: dict, captioner, generator, cap_cfg, zero_s
                       full_captions=True,
                       caption="Test images: [top zero-shot labels with probabilities] and the predicted caption")
     report.loss_curve(out / "captioner" / "metrics.jsonl", name="captioner_loss", caption="Captioner loss")
+    explanation_overlays(report, captioner, [r.image for r in records[:EXPLAINED_IMAGES]])
 
     report.section("Zero-shot classification by prompt")
     report.text(f"The captioner scores the {len(labels)} labels '<colour> <kind>' of the main shape in the "
@@ -340,6 +342,18 @@ def write_report(out: Path, metrics: dict, captioner, generator, cap_cfg, zero_s
         report.image_grid(images, None, name=f"generated_{prompt.replace(' ', '_')}", caption=f"'{prompt}'")
     report.loss_curve(out / "generator" / "metrics.jsonl", name="generator_loss", caption="Generator loss")
     return report.write()["markdown"]
+
+
+def explanation_overlays(report, captioner, images) -> None:
+    """Where the captioner looks: one strip per image, an attention-rollout map per content word of its caption."""
+    from mmlm.models.explain import overlay
+
+    report.section("Where the captioner looks")
+    report.text("Attention rollout from each content word of the predicted caption back to the image tokens "
+                "(red: most relevant). `mmlm explain` writes these for any image; `benchmarks/pointing.py` "
+                "measures how often a word's peak falls inside the shape it names.")
+    for k, (image, item) in enumerate(zip(images, captioner.explain(images))):
+        report.image(overlay(image, item, "rollout", panel=128), caption=item.caption, name=f"explained_{k}")
 
 
 def print_next_steps(out: Path, report: Path) -> None:

@@ -196,3 +196,24 @@ def test_none_and_trained_tokenizers_keep_the_plain_prompt_and_an_explicit_templ
     ids = custom.tokenizer(text, add_special_tokens=False)["input_ids"]
     expanded = [t for i in ids for t in ([i] * custom.num_image_tokens if i == custom.image_token_id else [i])]
     assert rendering.caption_prompt_ids(custom, "describe:") == expanded
+
+
+def test_explain_and_the_hf_processor_see_the_rendered_caption(model, tmp_path):
+    """explain maps the answer's tokens as training renders them; AutoProcessor's prompt is caption's prompt."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import mmlm.hf  # noqa: F401  (registers the Auto classes)
+
+    sample = rendering.encode_caption(model, "describe:", "a red circle", eos=False)
+    answer = [i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
+    item = model.explain(IMAGES[:1], text="a red circle", prompt="describe:")[0]
+    assert item.tokens == [model.tokenizer.decode([i]) for i in answer]
+    assert [w for w, _ in item.words] == ["a", "red", "circle"] and item.maps["rollout"].shape[0] == len(answer)
+    model.save_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    inputs = processor(images=IMAGES[:1], text="describe:")
+    assert inputs["input_ids"][0].tolist() == rendering.caption_prompt_ids(model, "describe:")
+    hf = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    out = hf.generate(**inputs, max_new_tokens=6, do_sample=False)
+    text = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    assert text == model.caption(IMAGES[:1], prompt="describe:", max_new_tokens=6)[0]

@@ -14,7 +14,8 @@ from PIL import Image
 
 from mmlm import cli
 from mmlm.api import load_text_to_image, load_vlm
-from mmlm.cli import _image_paths, build_parser, main
+from mmlm.cli import build_parser, main
+from mmlm.commands import _image_paths
 from mmlm.config import save_yaml
 
 from test_diffusion import tiny_model

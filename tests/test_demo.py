@@ -26,9 +26,11 @@ def test_quick_demo_end_to_end(tmp_path, tmp_path_factory):
         assert (out / name).is_file(), name
     images = {p.name for p in (out / "images").glob("*.png")}
     assert "test_captions.png" in images and any(n.startswith("generated_") for n in images)
+    assert {"explained_0.png", "explained_1.png", "explained_2.png"} <= images  # explanation overlays
     report = (out / "report.md").read_text()
     assert "Quick run" in report and "images/test_captions.png" in report
     assert report.index("## Outcome") < report.index("## Captioner") and "bar 95%" in report  # figures beside bars
+    assert report.index("## Captioner") < report.index("## Where the captioner looks") < report.index("## Zero-shot")
     assert "Plan: captioner 250 steps, generator 150 steps" in printed and "Quick run" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     numbers = dict(_numbers(metrics))

@@ -1,9 +1,11 @@
 """``MmlmProcessor``: images + prompts -> ``input_ids`` / ``attention_mask`` / ``pixel_values``, as the VLM builds them.
 
 The image side runs the very transform ``VisionEncoder.image_transform`` builds (same timm data config, resize
-mode and crop), the text side the model's sequence layout: ``[start] prompt`` with each ``<image>`` expanded
-to the image's placeholder ids (the image goes right after ``start`` when the prompt has no marker), tokenised
-as one text by :func:`mmlm.models.sequence.encode_segments`, left-padded for generation.
+mode and crop), the text side the prompt ``vlm.caption`` continues (``mmlm.models.rendering``): the plain layout
+``[start] prompt`` with each ``<image>`` expanded to the image's placeholder ids (the image goes right after
+``start`` when the prompt has no marker), or, for a model whose captions render in a chat template, the user
+turn ``apply_chat_template(..., add_generation_prompt=True)`` gives; tokenised as one text by
+:func:`mmlm.models.sequence.encode_segments`, left-padded for generation.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from transformers.image_processing_base import ImageProcessingMixin
 
 from mmlm.config import from_dict
 from mmlm.images import load_image
+from mmlm.models import chat
 from mmlm.models.language import IMAGE_TOKEN, tokens_to_tensor
+from mmlm.models.rendering import caption_messages, tokenizer_caption_template
 from mmlm.models.sequence import Segment, check_prompt, encode_segments
 from mmlm.models.vision import VisionConfig, VisionEncoder
 
@@ -62,9 +66,10 @@ class MmlmProcessor(ProcessorMixin):
     """Image processor + tokenizer of an mmlm VLM folder (``AutoProcessor.from_pretrained(folder)``)."""
 
     def __init__(self, image_processor, tokenizer, num_image_tokens: int = 0, chat_template: str | None = None,
-                 default_prompt: str = ""):
+                 default_prompt: str = "", caption_chat_template: str = "auto"):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.num_image_tokens, self.default_prompt = num_image_tokens, default_prompt
+        self.caption_chat_template = caption_chat_template  # the model's ``model.chat_template`` setting
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.start_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
@@ -77,18 +82,25 @@ class MmlmProcessor(ProcessorMixin):
         meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         vision = meta["config"]["vision"]
         trust = bool(meta["config"].get("language", {}).get("trust_remote_code", False))
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+        lm_config = AutoConfig.from_pretrained(folder / "language", trust_remote_code=trust)  # not mmlm's config.json
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=lm_config, trust_remote_code=trust)
         data_config, num_image_tokens = meta.get("data_config"), meta.get("num_image_tokens")
         if data_config is None or num_image_tokens is None:  # a folder saved before these keys existed
             data_config, num_image_tokens = probe_image_side(folder, meta["config"])
         return cls(MmlmImageProcessor(vision, data_config), tokenizer, num_image_tokens,
                    chat_template=getattr(tokenizer, "chat_template", None),
-                   default_prompt=meta["config"].get("prompt", ""))
+                   default_prompt=meta["config"].get("prompt", ""),
+                   caption_chat_template=meta["config"].get("chat_template", "auto"))
 
     def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
         check_prompt(prompt, "text")
         if not with_image and IMAGE_TOKEN in prompt:
             raise ValueError(f"text: '{IMAGE_TOKEN}' given but there are no images: {prompt!r}")
+        if with_image and tokenizer_caption_template(self.tokenizer, self.caption_chat_template) is not None:
+            messages = chat.with_image_markers(caption_messages(prompt), 1)
+            segments = chat.prompt_segments(self.tokenizer, messages, self.caption_chat_template)
+            return encode_segments(self.tokenizer, segments, image_token_id=self.image_token_id,
+                                   num_image_tokens=self.num_image_tokens).input_ids  # the template writes its BOS
         encoded = encode_segments(self.tokenizer, [Segment(prompt)] if prompt else [],
                                   image_token_id=self.image_token_id,
                                   num_image_tokens=self.num_image_tokens if with_image else 0,

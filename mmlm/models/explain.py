@@ -30,6 +30,8 @@ from torch import nn
 from mmlm.models.inference import as_image_list, eval_mode
 from mmlm.models.language import base_causal_lm
 from mmlm.models.projector import PerceiverResampler, PixelShuffleProjector
+from mmlm.models.rendering import encode_caption
+from mmlm.models.sequence import IGNORE_INDEX
 
 METHODS = ("rollout", "gradient")
 STOP_WORDS = frozenset("a an the on in at of to and is are with that this it its or".split())
@@ -153,17 +155,14 @@ def _gradient_relevance(attentions: list[torch.Tensor], grads: list[torch.Tensor
     return relevance
 
 
-def _words(tokenizer, text: str, ids: list[int]) -> list[tuple[str, list[int]]]:
-    """Group the caption's tokens by whitespace-delimited word (via character offsets where the tokenizer has them)."""
-    try:
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, TypeError, KeyError):
-        offsets = None
-    if offsets is None or len(offsets) != len(ids):
-        return [(tokenizer.decode([i]).strip(), [k]) for k, i in enumerate(ids)]
+def _words(tokenizer, ids: list[int]) -> list[tuple[str, list[int]]]:
+    """Group tokens by the whitespace-delimited words of their decoded text (token k spans the characters
+    ``decode(ids[:k])`` adds to ``decode(ids[:k + 1])``): the tokens as the LM saw them, in any tokenizer."""
+    ends = [len(tokenizer.decode(ids[: k + 1])) for k in range(len(ids))]
+    starts = [0] + ends[:-1]
     words: list[tuple[str, list[int]]] = []
-    for match in re.finditer(r"\S+", text):
-        members = [k for k, (s, e) in enumerate(offsets) if s < match.end() and e > match.start()]
+    for match in re.finditer(r"\S+", tokenizer.decode(ids)):
+        members = [k for k, (s, e) in enumerate(zip(starts, ends)) if s < match.end() and e > match.start()]
         if members:
             words.append((match.group(), members))
     return words
@@ -172,13 +171,14 @@ def _words(tokenizer, text: str, ids: list[int]) -> list[tuple[str, list[int]]]:
 def explain_one(model, pixel_values: torch.Tensor, text: str, prompt: str | None = None,
                 image_size: tuple[int, int] | None = None) -> Explanation:
     """Maps for ``text`` as the answer to ``prompt`` about one preprocessed image (1, 3, H, W)."""
-    prefix = model.prompt_ids(prompt)
-    answer = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not answer:
+    sample = encode_caption(model, prompt, text, eos=False)  # the answer's tokens as training and caption see them
+    positions = [t for t, label in enumerate(sample.labels) if label != IGNORE_INDEX]
+    if not positions:
         raise ValueError(f"explain: text {text!r} has no tokens")
-    ids = torch.tensor([prefix + answer], device=model.device)
+    answer = [sample.input_ids[t] for t in positions]
+    ids = torch.tensor([sample.input_ids], device=model.device)
     image_positions = (ids[0] == model.image_token_id).nonzero().flatten().cpu()
-    queries = torch.arange(len(prefix) - 1, len(prefix) + len(answer) - 1)  # the position predicting each token
+    queries = torch.tensor(positions) - 1  # the position predicting each token
     cross: list[torch.Tensor] = []
     with eval_mode(model), eager_attention(model.language_model), perceiver_attention(model.projector, cross), \
             torch.enable_grad():
@@ -210,7 +210,7 @@ def explain_one(model, pixel_values: torch.Tensor, text: str, prompt: str | None
         up = F.interpolate(grid[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].clamp(min=0)
         maps[method] = torch.stack([_unit(m) for m in up])
     tokens = [model.tokenizer.decode([i]) for i in answer]
-    return Explanation(caption=text, tokens=tokens, words=_words(model.tokenizer, text, answer), maps=maps)
+    return Explanation(caption=text, tokens=tokens, words=_words(model.tokenizer, answer), maps=maps)
 
 
 def explain(model, images: Any, text: str | Sequence[str] | None = None, prompt: str | None = None,

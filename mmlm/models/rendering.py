@@ -32,10 +32,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def caption_template(model: VisionLanguageModel) -> str | None:
     """The chat template caption and classify prompts render with; None: the plain layout."""
-    setting = getattr(model.config, "chat_template", "auto")
-    if setting == "auto":
-        return getattr(model.tokenizer, "chat_template", None) or None
-    return chat.resolve_template(model.tokenizer, setting)
+    return tokenizer_caption_template(model.tokenizer, getattr(model.config, "chat_template", "auto"))
+
+
+def tokenizer_caption_template(tokenizer, setting: str | None) -> str | None:
+    """:func:`caption_template` from a tokenizer and the ``model.chat_template`` setting (a saved folder's processor)."""
+    if setting is None or setting == "auto":
+        return getattr(tokenizer, "chat_template", None) or None
+    return chat.resolve_template(tokenizer, setting)
 
 
 def caption_messages(prompt: str, answer: str | None = None) -> list[dict[str, str]]:

@@ -4,7 +4,8 @@
     python benchmarks/pointing.py --captioner RUN/model --images 400
     python benchmarks/pointing.py --quick                          # an untrained tiny model: checks the script
 
-Test images with 2-3 shapes (the demo's image size). For each method (attention rollout, gradient x attention):
+Test images with 2-3 shapes (the demo's image size). For each method (attention rollout, gradient x attention,
+pixel-gradient saliency):
 * captions: the scene's canonical caption (every shape named) and the model's own greedy caption (shapes it
   does not name are counted as unnamed, not scored);
 * classifier label tokens: the main shape's "<colour> <kind>" after the zero-shot template "a <size>", the
@@ -64,6 +65,7 @@ def main() -> None:
     import mmlm
     from mmlm.data.shapes import ShapesConfig, generate_shapes
     from mmlm.eval.pointing import pointing_game
+    from mmlm.models.explain import METHODS
 
     if args.quick:
         model, size, args.images = tiny_captioner(), 64, 4
@@ -74,7 +76,7 @@ def main() -> None:
                                                                              max_shapes=3))
     print(f"pointing game: {args.captioner if not args.quick else 'untrained tiny model (--quick)'}, "
           f"{len(records)} test images of {size} px with 2-3 shapes")
-    for method in ("rollout", "gradient"):
+    for method in METHODS:
         for name, play in (("canonical captions", lambda: pointing_game(model, records, method, "given")),
                            ("generated captions", lambda: pointing_game(model, records, method, "generated")),
                            ("label tokens", lambda: label_pointing(model, records, method))):

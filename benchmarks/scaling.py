@@ -6,7 +6,9 @@
 
 Each run is a torchrun launch (gloo on CPU, NCCL on GPUs) of ``mmlm.api.train``; samples/s is the
 trainer's own figure (training time only: evaluation and checkpoints pause its clock), averaged over
-the logged steps after the first ``--warmup`` (start-up and first-step costs). Run it alone on the machine:
+the logged steps after the first ``--warmup`` (start-up and first-step costs). Each process runs
+``--cores / processes`` threads (``train.num_threads``), so the runs share the same cores and the ratio is the
+cost of splitting a step (gradient all-reduce, smaller per-process matmuls). Run it alone on the machine:
 timings collapse when another process shares the cores.
 """
 
@@ -42,7 +44,8 @@ def run_config(args, processes: int, out: Path) -> dict:
         cfg["model"] = TINY
         cfg["data"]["shapes"] = {"n_train": 64, "n_val": 4, "n_test": 4, "n_compositional": 4, "image_size": 32}
     cfg["train"] = {**cfg.get("train", {}), "max_steps": args.steps, "max_minutes": None, "epochs": None,
-                    "log_every": 1, "eval_every": None, "save_every": None, "grad_accum_steps": 1}
+                    "log_every": 1, "eval_every": None, "save_every": None, "grad_accum_steps": 1,
+                    "num_threads": max(1, args.cores // processes)}  # both runs use the same cores
     cfg["eval"] = {**cfg.get("eval", {}), "splits": [], "max_samples": 4}
     return cfg
 
@@ -79,6 +82,8 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1,
+                        help="cores to share: each process runs cores / processes threads")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (checks the script only)")
     args = parser.parse_args()
     if args.quick:
@@ -90,9 +95,11 @@ def main() -> None:
             launch(run_config(args, processes, out), processes)
             results[processes] = samples_per_s(out, args.warmup)
     base = results[1]
-    print(f"global batch {args.global_batch}, {args.steps} steps ({'quick' if args.quick else args.config})")
+    print(f"global batch {args.global_batch}, {args.steps} steps ({'quick' if args.quick else args.config}), "
+          f"{args.cores} cores")
     for processes, rate in results.items():
-        print(f"  {processes} process(es): {rate:9.1f} samples/s  ({rate / base:.2f}x)")
+        print(f"  {processes} process(es) x {max(1, args.cores // processes)} thread(s): {rate:9.1f} samples/s, "
+              f"{rate / args.global_batch:.2f} steps/s ({rate / base:.2f}x)")
 
 
 if __name__ == "__main__":

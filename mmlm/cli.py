@@ -221,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the overlays and explanations.json")
     p.add_argument("--text", default=None, help="explain this caption instead of the generated one")
     p.add_argument("--prompt", default=None)
-    p.add_argument("--method", choices=["rollout", "gradient", "both"], default="both",
-                   help="attention rollout, gradient x attention, or both")
+    p.add_argument("--method", choices=["rollout", "gradient", "saliency", "all"], default="all",
+                   help="attention rollout, gradient x attention, pixel-gradient saliency, or all three")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("compress", help="quantise a VLM or a generator for CPU serving (mmlm.load reads the result)",

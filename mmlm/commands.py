@@ -213,13 +213,13 @@ def cmd_serve(args) -> int:
 def cmd_explain(args) -> int:
     """Relevance overlays (one panel per content word) and the maps' words as JSON, per image."""
     from mmlm.api import load_vlm
-    from mmlm.models.explain import explain, overlay
+    from mmlm.models.explain import METHODS, explain, overlay
 
     paths = _image_paths(args.images)
     model = load_vlm(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    methods = ["rollout", "gradient"] if args.method == "both" else [args.method]
+    methods = list(METHODS) if args.method == "all" else [args.method]
     rows = []
     for path, item in zip(paths, explain(model, [str(p) for p in paths], text=args.text, prompt=args.prompt)):
         files = []

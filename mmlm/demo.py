@@ -345,15 +345,16 @@ def write_report(out: Path, metrics: dict, captioner, generator, cap_cfg, zero_s
 
 
 def explanation_overlays(report, captioner, images) -> None:
-    """Where the captioner looks: one strip per image, an attention-rollout map per content word of its caption."""
+    """Where the captioner looks: one strip per image, a saliency map per content word of its caption."""
     from mmlm.models.explain import overlay
 
     report.section("Where the captioner looks")
-    report.text("Attention rollout from each content word of the predicted caption back to the image tokens "
-                "(red: most relevant). `mmlm explain` writes these for any image; `benchmarks/pointing.py` "
-                "measures how often a word's peak falls inside the shape it names.")
+    report.text("The pixels' gradient (saliency) of each content word of the predicted caption (red: most "
+                "relevant). `mmlm explain` writes these for any image (also attention rollout and gradient x "
+                "attention); `benchmarks/pointing.py` measures how often a word's peak falls inside the shape it "
+                "names.")
     for k, (image, item) in enumerate(zip(images, captioner.explain(images))):
-        report.image(overlay(image, item, "rollout", panel=128), caption=item.caption, name=f"explained_{k}")
+        report.image(overlay(image, item, "saliency", panel=128), caption=item.caption, name=f"explained_{k}")
 
 
 def print_next_steps(out: Path, report: Path) -> None:

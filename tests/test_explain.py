@@ -96,16 +96,39 @@ def test_explain_gives_one_map_per_token_at_image_resolution(vision, projector):
     assert model.language_model.config._attn_implementation == attn_before  # eager only for the call
     assert result.caption == text and [w for w, _ in result.words] == text.split()
     n_tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-    for method in ("rollout", "gradient"):
+    for method in ("rollout", "gradient", "saliency"):
         maps = result.maps[method]
         assert maps.shape == (n_tokens, 64, 64) and torch.isfinite(maps).all()
         peaks = maps.amax((1, 2))  # each map scaled to max 1; a gradient map may be all 0 (no positive part)
         assert maps.min() >= 0 and (torch.isclose(peaks, torch.ones(n_tokens)) | (peaks == 0)).all()
-        assert method == "gradient" or (peaks == 1).all()
+        assert method != "rollout" or (peaks == 1).all()
     assert result.word_map(2).shape == (64, 64)
     assert [result.words[i][0] for i in result.content_words()] == [w for w in text.split()
                                                                     if w not in ("a", "on", "the", "at", "in")]
     assert model.explain([record.image], text=text)[0].caption == text  # the VisionLanguageModel method
+
+
+def test_saliency_maps_are_finer_than_the_lm_tokens_and_need_no_trainable_weights():
+    model = tiny_vlm(CNN, "pixel_shuffle", reduce_factor=2)  # 4x4 LM tokens of 16 px each
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)  # a frozen model: the gradients come from the pixels' graph
+    record = generate_shapes(1, split="test", config=ONE_SHAPE)[0]
+    result = explain(model, [record.image], text=canonical_caption(record.attributes["shapes"]))[0]
+    saliency = result.maps["saliency"]
+    assert (saliency.amax((1, 2)) == 1).all()  # every token's map has a peak (scaled to 1)
+    # the reference: d log p(token) / d pixels through the model's own forward, |.| summed over channels,
+    # a 9x9 box mean (1/8 of 64 px, zeros beyond the border): pixel resolution, not the 16 px blocks of the LM's image tokens
+    text = canonical_caption(record.attributes["shapes"])
+    batch = model.prepare_batch(model.pixel_values([record.image]), [text])
+    pixels = batch.pop("pixel_values").requires_grad_(True)
+    positions = (batch.pop("labels")[0] != -100).nonzero().flatten()
+    with torch.enable_grad():
+        logits = model(pixels, **batch).logits[0].log_softmax(-1)
+        for k in (0, len(saliency) - 1):  # the first and the last caption token (the batch adds an EOS)
+            t = positions[k]
+            grad, = torch.autograd.grad(logits[t - 1, batch["input_ids"][0, t]], pixels, retain_graph=True)
+            expected = torch.nn.functional.avg_pool2d(grad[0].abs().sum(0)[None, None], 9, 1, 4)[0, 0]
+            torch.testing.assert_close(saliency[k], expected / expected.max(), atol=1e-4, rtol=1e-3)
 
 
 def test_pixel_shuffle_maps_spread_each_token_over_its_block_of_patches():
@@ -150,7 +173,7 @@ def test_cli_explain_writes_overlays_and_json(tmp_path):
     assert rows[0]["caption"] == text and rows[0]["overlays"] == [str(out / "scene_gradient.png")]
     assert (out / "scene_gradient.png").is_file() and not (out / "scene_rollout.png").exists()
     assert main(["explain", str(tmp_path / "model"), str(tmp_path / "scene.png"), "--out", str(out)]) == 0
-    assert (out / "scene_rollout.png").is_file()  # --method both by default, the generated caption
+    assert all((out / f"scene_{m}.png").is_file() for m in ("rollout", "gradient", "saliency"))  # all by default
 
 
 # ---------------------------------------------------------------------------- a trained captioner looks at the shape

@@ -25,6 +25,7 @@ from mmlm.models.language import IMAGE_TOKEN, tokens_to_tensor
 from mmlm.models.rendering import caption_messages, tokenizer_caption_template
 from mmlm.models.sequence import Segment, check_prompt, encode_segments
 from mmlm.models.vision import VisionConfig, VisionEncoder
+from mmlm.models.vlm_files import LANGUAGE_DIR
 
 
 class _TransformSpec:
@@ -82,7 +83,7 @@ class MmlmProcessor(ProcessorMixin):
         meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         vision = meta["config"]["vision"]
         trust = bool(meta["config"].get("language", {}).get("trust_remote_code", False))
-        lm_config = AutoConfig.from_pretrained(folder / "language", trust_remote_code=trust)  # not mmlm's config.json
+        lm_config = AutoConfig.from_pretrained(folder / LANGUAGE_DIR, trust_remote_code=trust)  # not mmlm's config.json
         tokenizer = AutoTokenizer.from_pretrained(folder, config=lm_config, trust_remote_code=trust)
         data_config, num_image_tokens = meta.get("data_config"), meta.get("num_image_tokens")
         if data_config is None or num_image_tokens is None:  # a folder saved before these keys existed
@@ -97,10 +98,9 @@ class MmlmProcessor(ProcessorMixin):
         if not with_image and IMAGE_TOKEN in prompt:
             raise ValueError(f"text: '{IMAGE_TOKEN}' given but there are no images: {prompt!r}")
         if with_image and tokenizer_caption_template(self.tokenizer, self.caption_chat_template) is not None:
-            messages = chat.with_image_markers(caption_messages(prompt), 1)
-            segments = chat.prompt_segments(self.tokenizer, messages, self.caption_chat_template)
-            return encode_segments(self.tokenizer, segments, image_token_id=self.image_token_id,
-                                   num_image_tokens=self.num_image_tokens).input_ids  # the template writes its BOS
+            return chat.prompt_ids(self.tokenizer, caption_messages(prompt), 1, self.caption_chat_template,
+                                   image_token_id=self.image_token_id,
+                                   num_image_tokens=self.num_image_tokens)  # the template writes its BOS
         encoded = encode_segments(self.tokenizer, [Segment(prompt)] if prompt else [],
                                   image_token_id=self.image_token_id,
                                   num_image_tokens=self.num_image_tokens if with_image else 0,
@@ -144,7 +144,7 @@ def probe_image_side(folder: Path, config: dict) -> tuple[dict, int]:
     from mmlm.models.projector import ProjectorConfig, build_projector
 
     vision = VisionEncoder(from_dict(VisionConfig, {**config["vision"], "pretrained": False, "weights_path": None}))
-    lm_config = AutoConfig.from_pretrained(folder / "language")
+    lm_config = AutoConfig.from_pretrained(folder / LANGUAGE_DIR)
     projector = from_dict(ProjectorConfig, config.get("projector", {}), "projector")
     _, n = build_projector(projector, vision.dim, lm_config.get_text_config().hidden_size, vision.num_tokens)
     return dict(vision.data_config), n

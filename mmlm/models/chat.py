@@ -217,10 +217,16 @@ def encode_conversation(model: VisionLanguageModel, messages: Sequence[dict], nu
 
 def encode_prompt(model: VisionLanguageModel, messages: Sequence[dict], num_images: int = 1) -> list[int]:
     """Generation-prompt ids of a conversation (the next assistant turn follows)."""
-    segments = prompt_segments(model.tokenizer, with_image_markers(check_messages(messages), num_images),
-                               _setting(model))
-    return encode_segments(model.tokenizer, segments, image_token_id=model.image_token_id,
-                           num_image_tokens=model.num_image_tokens, start_token_id=_start_id(model)).input_ids
+    return prompt_ids(model.tokenizer, messages, num_images, _setting(model), image_token_id=model.image_token_id,
+                      num_image_tokens=model.num_image_tokens, start_token_id=_start_id(model))
+
+
+def prompt_ids(tokenizer, messages: Sequence[dict], num_images: int, setting: str | None, *, image_token_id: int,
+               num_image_tokens: int, start_token_id: int | None = None) -> list[int]:
+    """:func:`encode_prompt` from a tokenizer alone (processors have no model)."""
+    segments = prompt_segments(tokenizer, with_image_markers(check_messages(messages), num_images), setting)
+    return encode_segments(tokenizer, segments, image_token_id=image_token_id, num_image_tokens=num_image_tokens,
+                           start_token_id=start_token_id).input_ids
 
 
 def prepare_conversations(model: VisionLanguageModel, pixel_values: torch.Tensor | None,

@@ -159,3 +159,25 @@ def test_pretrained_loads_pass_trust_remote_code_from_the_config(tmp_path, monke
     assert {name for name, _ in seen} >= {"AutoTokenizer", "AutoConfig", "CLIPTextModel"}
     assert all(flag is trust for _, flag in seen), seen
 
+
+
+def test_lm_kind_reads_a_saved_captioner_folder_and_trains_beside_its_frozen_lm(tmp_path):
+    from hf_helpers import tiny_vlm
+
+    vlm = tiny_vlm()
+    vlm.save_pretrained(tmp_path / "run" / "model")  # a run folder, as the demo's captioner leaves it
+    encoder = TextEncoder.from_config(TextEncoderConfig(kind="lm", name_or_path=str(tmp_path / "run"), max_length=8))
+    assert encoder.frozen and isinstance(encoder.model, transformers.LlamaForCausalLM)
+    ids, mask = encoder.tokenize(["a red circle"])
+    expected = vlm.language_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    hidden, _ = encoder(["a red circle"])
+    assert torch.allclose(hidden, expected, atol=1e-6)  # the captioner's own LM and tokenizer, not a fresh one
+
+    model = TextToImage.from_config(pixel_config(encoder.config))
+    assert "text_encoder" not in model.trainable_groups()
+    assert_conditions_the_denoiser(model)
+    model.save_pretrained(tmp_path / "t2i")
+    loaded = TextToImage.from_pretrained(tmp_path / "t2i")
+    a = model.generate("red", num_inference_steps=3, seed=1)[0]
+    b = loaded.generate("red", num_inference_steps=3, seed=1)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))

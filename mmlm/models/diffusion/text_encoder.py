@@ -6,8 +6,9 @@ Three kinds, chosen by ``TextEncoderConfig.kind``:
   the config, with a byte-level BPE tokenizer trained on the caption corpus; trained with the denoiser.
 - ``"pretrained"``: any transformers text encoder from a Hub id or local folder (CLIP, SigLIP, T5
   encoder, BERT, ...); frozen by default.
-- ``"lm"``: the hidden states of a causal LM, e.g. the ``.language`` / ``.tokenizer`` of a
-  VisionLanguageModel, so one LM both captions and conditions generation; frozen by default.
+- ``"lm"``: the hidden states of a causal LM: a Hub id or LM folder, an mmlm VLM folder (the demo's captioner),
+  or the live ``.language`` / ``.tokenizer`` of a VisionLanguageModel, so one LM both captions and conditions
+  generation; frozen by default.
 
 Every kind pads to a fixed ``max_length`` so that embeddings of a frozen encoder can be cached per
 unique caption (the big CPU saving: the encoder then runs once per caption, not once per step).
@@ -16,6 +17,7 @@ unique caption (the big CPU saving: the encoder then runs once per caption, not 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmlm.config import ConfigError
 from mmlm.models.diffusion.config import TextEncoderConfig
+from mmlm.models.hub import MODEL_TYPE as VLM_MODEL_TYPE
 from mmlm.models.tokenizer import train_bpe_tokenizer
 
 # The scratch tokenizer: every caption wrapped as ``<bos> ... <eos>``, so even the empty caption has two tokens.
@@ -55,6 +58,22 @@ def _pretrained_text_model_class(name_or_path: str, trust_remote_code: bool = Fa
         "umt5": transformers.UMT5EncoderModel,
     }
     return by_type.get(config.model_type, transformers.AutoModel)
+
+
+def _vlm_folder(name_or_path: str) -> Path:
+    """A saved VLM folder, or a run folder holding one under model/."""
+    path = Path(name_or_path)
+    return path / "model" if (path / "model" / "config.json").is_file() else path
+
+
+def _is_vlm_folder(name_or_path: str) -> bool:
+    config_file = _vlm_folder(name_or_path) / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8")).get("model_type") == VLM_MODEL_TYPE
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
 
 
 def _model_class_by_name(name: str) -> type[PreTrainedModel]:
@@ -112,6 +131,8 @@ class TextEncoder(nn.Module):
                 "(or pass the LM and tokenizer with TextEncoder.from_language_model)"
             )
         remote = config.trust_remote_code
+        if config.kind == "lm" and _is_vlm_folder(config.name_or_path):
+            return cls.from_vlm_folder(config)
         tokenizer = transformers.AutoTokenizer.from_pretrained(config.name_or_path, trust_remote_code=remote)
         if config.kind == "lm":
             model = transformers.AutoModelForCausalLM.from_pretrained(config.name_or_path, trust_remote_code=remote)
@@ -136,6 +157,16 @@ class TextEncoder(nn.Module):
         if config.kind != "lm":
             config = dataclasses.replace(config, kind="lm")
         return cls(language_model, tokenizer, config, freeze_weights=False)
+
+    @classmethod
+    def from_vlm_folder(cls, config: TextEncoderConfig) -> TextEncoder:
+        """The LM and tokenizer of an mmlm VisionLanguageModel folder (or its run folder), e.g. the demo's
+        captioner: its embeddings already tell the caption words apart. A copy, frozen unless ``freeze: false``."""
+        from mmlm.models.language import base_causal_lm
+        from mmlm.models.vlm import VisionLanguageModel
+
+        vlm = VisionLanguageModel.from_pretrained(_vlm_folder(config.name_or_path))
+        return cls(base_causal_lm(vlm.language_model), vlm.tokenizer, config)
 
     @classmethod
     def from_folder(cls, model_dir: str | Path, tokenizer_dir: str | Path, class_name: str,

@@ -223,6 +223,8 @@ class ShapesConfig:
     min_shapes: int = 1
     max_shapes: int = 3
     language: str = "en"  # "en" or "zh"
+    # The canonical caption's words: "a large green circle" (colour_kind) or "a large circle in green" (kind_colour)
+    word_order: str = "colour_kind"
     seed: int = 0
 
 

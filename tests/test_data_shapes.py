@@ -168,6 +168,24 @@ def test_lazy_records_match_eager_generation():
         lazy[10]
 
 
+def test_kind_colour_word_order_changes_only_the_canonical_caption_and_parses_back():
+    base = generate_shapes(20, split="compositional")
+    kind_first = generate_shapes(20, split="compositional", config=ShapesConfig(word_order="kind_colour"))
+    for a, b in zip(base, kind_first):
+        assert _digests(a)[0] == _digests(b)[0] and a.captions[1:] == b.captions[1:]  # same image, same paraphrases
+        assert b.captions[0] != a.captions[0] and captions_match(b.captions[0], b.attributes)
+        shape = b.attributes["shapes"][0]
+        assert b.captions[0].startswith(f"a {shape['size']} {shape['kind']} in {shape['colour']} ")
+    first = kind_first[0].attributes["shapes"][0]
+    other = "red" if first["colour"] != "red" else "blue"
+    wrong = kind_first[0].captions[0].replace(f"in {first['colour']}", f"in {other}", 1)
+    assert wrong != kind_first[0].captions[0] and not captions_match(wrong, kind_first[0].attributes)
+    with pytest.raises(ValueError, match="word_order"):
+        generate_shapes(1, config=ShapesConfig(word_order="kind_first"))
+    with pytest.raises(ValueError, match="English only"):
+        generate_shapes(1, config=ShapesConfig(word_order="kind_colour", language="zh"))
+
+
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="split"):
         generate_shapes(1, split="holdout")

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from mmlm.config import ConfigError, ShapesConfig
 
 from .shapes_captions import (
-    COLOURS, HELD_OUT_PAIRS, POSITIONS, SHAPE_KINDS, SIZES, _ZH, canonical_caption, caption_paraphrases,
+    COLOURS, HELD_OUT_PAIRS, POSITIONS, SHAPE_KINDS, SIZES, WORD_ORDERS, _ZH, canonical_caption, caption_paraphrases,
     captions_match, make_captions, parse_caption,
 )
 from .sources import Record
@@ -55,6 +55,10 @@ def _check_config(cfg: ShapesConfig) -> None:
         )
     if cfg.language not in ("en", "zh"):
         raise ConfigError(f"shapes.language: expected 'en' or 'zh', got {cfg.language!r}")
+    if cfg.word_order not in WORD_ORDERS:
+        raise ConfigError(f"shapes.word_order: expected one of {WORD_ORDERS}, got {cfg.word_order!r}")
+    if cfg.word_order != "colour_kind" and cfg.language != "en":
+        raise ConfigError(f"shapes.word_order: {cfg.word_order!r} is English only (language is {cfg.language!r})")
 
 
 def _pick_pair(rng: np.random.Generator, held_out: bool) -> tuple[str, str]:
@@ -165,7 +169,7 @@ def make_shapes_record(index: int, *, split: str = "train", config: ShapesConfig
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
     shapes = _sample_shapes(rng, cfg, split)
     image = render_shapes(shapes, rng, cfg.image_size)
-    captions = make_captions(shapes, rng, cfg.language)
+    captions = make_captions(shapes, rng, cfg.language, word_order=cfg.word_order)
     main = shapes[0]
     attributes = {"shapes": shapes, "count": len(shapes), "kind": main["kind"], "colour": main["colour"],
                   "size": main["size"], "position": main["position"]}

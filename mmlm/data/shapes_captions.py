@@ -45,9 +45,11 @@ def _join_en(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _phrase(shape: dict, language: str) -> str:
+def _phrase(shape: dict, language: str, word_order: str = "colour_kind") -> str:
     if language == "zh":
         return f"一个{_ZH['colour'][shape['colour']]}的{_ZH['size'][shape['size']]}{_ZH['kind'][shape['kind']]}"
+    if word_order == "kind_colour":
+        return f"a {shape['size']} {shape['kind']} in {shape['colour']}"
     return f"a {shape['size']} {shape['colour']} {shape['kind']}"
 
 
@@ -55,11 +57,17 @@ def _position(shape: dict, language: str) -> str:
     return (_ZH if language == "zh" else _EN)["position"][shape["position"]]
 
 
-def canonical_caption(shapes: list[dict], language: str = "en") -> str:
-    """The one canonical caption: shapes in the given order, each with its position."""
+WORD_ORDERS = ("colour_kind", "kind_colour")
+
+
+def canonical_caption(shapes: list[dict], language: str = "en", word_order: str = "colour_kind") -> str:
+    """The one canonical caption: shapes in the given order, each with its position. ``word_order="kind_colour"``
+    (English) names the kind before the colour: "a large circle in green on the left"."""
+    if word_order not in WORD_ORDERS:
+        raise ValueError(f"word_order: expected one of {WORD_ORDERS}, got {word_order!r}")
     if language == "zh":
         return "，".join(_position(s, "zh") + _phrase(s, "zh") for s in shapes)
-    return _join_en([f"{_phrase(s, 'en')} {_position(s, 'en')}" for s in shapes])
+    return _join_en([f"{_phrase(s, 'en', word_order)} {_position(s, 'en')}" for s in shapes])
 
 
 def caption_paraphrases(shapes: list[dict], language: str = "en", order: list[int] | None = None) -> list[str]:
@@ -90,12 +98,13 @@ def caption_paraphrases(shapes: list[dict], language: str = "en", order: list[in
     return out
 
 
-def make_captions(shapes: list[dict], rng: np.random.Generator, language: str = "en", k: int = 4) -> list[str]:
+def make_captions(shapes: list[dict], rng: np.random.Generator, language: str = "en", k: int = 4,
+                  word_order: str = "colour_kind") -> list[str]:
     """The canonical caption first, then ``k - 1`` distinct paraphrases (random listing order)."""
     order = [int(i) for i in rng.permutation(len(shapes))]
     options = caption_paraphrases(shapes, language, order)
     picks = rng.choice(len(options), size=min(k - 1, len(options)), replace=False)
-    return [canonical_caption(shapes, language)] + [options[int(i)] for i in picks]
+    return [canonical_caption(shapes, language, word_order)] + [options[int(i)] for i in picks]
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -103,6 +112,9 @@ def make_captions(shapes: list[dict], rng: np.random.Generator, language: str = 
 _EN_SHAPE = re.compile(
     r"(?:a|an|one)\s+(?P<size>{})\s+(?P<colour>{})\s+(?P<kind>{})\b".format(
         "|".join(SIZES), "|".join(COLOURS), "|".join(SHAPE_KINDS)))
+_EN_SHAPE_KIND_FIRST = re.compile(
+    r"(?:a|an|one)\s+(?P<size>{})\s+(?P<kind>{})\s+in\s+(?P<colour>{})\b".format(
+        "|".join(SIZES), "|".join(SHAPE_KINDS), "|".join(COLOURS)))
 _EN_POSITION = re.compile(r"(?P<pos>on the left|on the right|at the top|at the bottom|in the center|in the middle)\b")
 _EN_RELATION = re.compile(r"(?P<rel>to the left of|to the right of|above|below)\b")
 _EN_FILLER = re.compile(
@@ -127,7 +139,8 @@ def _tokens(text: str, language: str) -> list[tuple[str, dict]] | None:
         patterns = (("S", _ZH_SHAPE), ("R", _ZH_RELATION), ("P", _ZH_POSITION), ("F", _ZH_FILLER))
     else:
         text = re.sub(r"\s+", " ", text.lower().replace("centre", "center")).strip()
-        patterns = (("S", _EN_SHAPE), ("P", _EN_POSITION), ("R", _EN_RELATION), ("F", _EN_FILLER))
+        patterns = (("S", _EN_SHAPE), ("S", _EN_SHAPE_KIND_FIRST), ("P", _EN_POSITION), ("R", _EN_RELATION),
+                    ("F", _EN_FILLER))
     tokens, pos = [], 0
     while pos < len(text):
         if text[pos] == " ":

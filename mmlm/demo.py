@@ -21,7 +21,7 @@ from mmlm.config import ConfigError, load_config
 from mmlm.demo_plan import SpeedMeter, Stage, StageWatch, cap_shares, format_duration, remaining_cap, run_eta
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-ZERO_SHOT_TEMPLATES = ["a small {}", "a large {}"]  # captions start "a <size> <colour> <kind>"
+ZERO_SHOT_TEMPLATES = ["a small {}", "a large {}"]  # captions start "a <size> ..."
 DEMO_PROMPTS = ["a large red circle in the center", "a small blue square on the left",
                 "a large green triangle at the top", "a small yellow star on the right",
                 "a large purple square at the bottom", "a small orange circle in the center"]
@@ -243,8 +243,10 @@ def write_data_sample(folder: Path, n: int = 16) -> dict:
 
 
 def zero_shot_classification(captioner, cfg, n: int) -> dict:
-    """The captioner, never trained to classify, scores "<colour> <kind>" labels of the main shape."""
+    """The captioner, never trained to classify, scores "<colour> <kind>" labels of the main shape (each worded as
+    its captions word a shape: "circle in green" after kind_colour training)."""
     from mmlm.data.shapes import generate_shapes
+    from mmlm.data.shapes_captions import colour_kind_words
     from mmlm.eval import classification_report
     from mmlm.tasks.classification import shapes_label_space
 
@@ -253,7 +255,8 @@ def zero_shot_classification(captioner, cfg, n: int) -> dict:
     images = [r.image for r in records]
     # A caption goes on after "<colour> <kind>" (position, more shapes): no EOS after the label; the size
     # templates are alternatives, so their probabilities are summed rather than their scores averaged.
-    probs = captioner.classify(images, labels, prompt=ZERO_SHOT_TEMPLATES, batch_size=32, eos=False,
+    texts = [colour_kind_words(*label.split(), cfg.data.shapes.word_order) for label in labels]
+    probs = captioner.classify(images, texts, prompt=ZERO_SHOT_TEMPLATES, batch_size=32, eos=False,
                                ensemble="marginal")
     truth = [f"{r.attributes['colour']} {r.attributes['kind']}" for r in records]
     predicted = [labels[i] for i in probs.argmax(-1).tolist()]

@@ -430,3 +430,19 @@ def test_the_shapes_recipe_trains_and_evaluates_through_the_harness(tmp_path):
     model = load(tmp_path / "run")
     assert model.config.space == "patch" and model.denoiser.config.class_embed_type == "projection"
     assert model.generate("a small red circle", num_inference_steps=2, seed=0)[0].size == (32, 32)
+
+
+def test_scale_shift_resnets_take_the_text_embedding_as_scale_and_shift_and_round_trip(tmp_path):
+    denoiser = DenoiserConfig(block_out_channels=(8, 16), attention=(False, True), norm_num_groups=4,
+                              pooled_text=True, resnet_time_scale_shift="scale_shift")
+    model = tiny_model(denoiser=denoiser)
+    resnet = model.denoiser.down_blocks[0].resnets[0]
+    assert resnet.time_emb_proj.out_features == 2 * resnet.conv1.out_channels  # a scale and a shift per channel
+    a = model.generate(["a red circle", "a blue square"], num_inference_steps=3, seed=0)
+    assert not torch.equal(pixels_of(a)[0], pixels_of(a)[1])  # the prompt reaches the pixels
+    model.save_pretrained(tmp_path / "t2i")
+    b = TextToImage.from_pretrained(tmp_path / "t2i").generate(["a red circle", "a blue square"],
+                                                               num_inference_steps=3, seed=0)
+    assert torch.equal(pixels_of(a), pixels_of(b))
+    with pytest.raises(ConfigError, match="resnet_time_scale_shift"):
+        DenoiserConfig(resnet_time_scale_shift="film")

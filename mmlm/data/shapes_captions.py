@@ -45,12 +45,15 @@ def _join_en(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def colour_kind_words(colour: str, kind: str, word_order: str = "colour_kind") -> str:
+    """How an English caption names a shape after its size: "green circle", or "circle in green" (kind_colour)."""
+    return f"{kind} in {colour}" if word_order == "kind_colour" else f"{colour} {kind}"
+
+
 def _phrase(shape: dict, language: str, word_order: str = "colour_kind") -> str:
     if language == "zh":
         return f"一个{_ZH['colour'][shape['colour']]}的{_ZH['size'][shape['size']]}{_ZH['kind'][shape['kind']]}"
-    if word_order == "kind_colour":
-        return f"a {shape['size']} {shape['kind']} in {shape['colour']}"
-    return f"a {shape['size']} {shape['colour']} {shape['kind']}"
+    return f"a {shape['size']} {colour_kind_words(shape['colour'], shape['kind'], word_order)}"
 
 
 def _position(shape: dict, language: str) -> str:

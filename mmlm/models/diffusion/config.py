@@ -111,6 +111,9 @@ class DenoiserConfig:
     norm_num_groups: int = 8
     num_heads: int = 1  # attention heads (diffusers' UNet calls this ``attention_head_dim``)
     pooled_text: bool | None = None  # pooled text added to the timestep embedding; None: on for unet, off for DiT
+    # unet: how each ResNet block takes the timestep (+ pooled text) embedding: "default" adds it, "scale_shift"
+    # scales and shifts the normalised features with it (AdaGN / FiLM, Dhariwal & Nichol 2021)
+    resnet_time_scale_shift: str = "default"
     hidden_size: int = 128  # transformer width
     num_layers: int = 4  # transformer blocks
     patch_size: int = 2
@@ -123,6 +126,9 @@ class DenoiserConfig:
             raise ConfigError(f"denoiser.kind: expected 'unet' or 'transformer', got {self.kind!r}")
         if self.num_heads < 1:
             raise ConfigError(f"denoiser.num_heads: expected >= 1, got {self.num_heads}")
+        if self.resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise ConfigError("denoiser.resnet_time_scale_shift: expected 'default' or 'scale_shift', "
+                              f"got {self.resnet_time_scale_shift!r}")
         if self.kind == "unet":
             if len(self.attention) != len(self.block_out_channels):
                 raise ConfigError(

@@ -76,6 +76,7 @@ def build_denoiser(config: DenoiserConfig, sample_size: int, channels: int, text
         norm_num_groups=config.norm_num_groups,
         cross_attention_dim=text_dim,
         attention_head_dim=config.num_heads,  # diffusers' naming: this is the number of heads
+        resnet_time_scale_shift=config.resnet_time_scale_shift,
         # The pooled text goes through an MLP and is added to the timestep embedding (forward's class_labels).
         class_embed_type="projection" if config.uses_pooled_text else None,
         projection_class_embeddings_input_dim=text_dim if config.uses_pooled_text else None,

@@ -65,7 +65,7 @@ def build_step(recipe: str, variant: str, threads: int | None) -> Callable[[], f
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

@@ -13,7 +13,7 @@ to each quality bar (mmlm.eval.bars, the demo's bars): the smallest budget that 
 figure that compares across machines; steps/s turns them into this machine's minutes. Timings need the
 machine to itself (anything else running lowers steps/s, never the quality at a step count).
 
-    python benchmarks/time_to_quality.py configs/shapes_captioner.yaml --steps 500 1000 2000 2800
+    python benchmarks/time_to_quality.py configs/shapes_captioner.yaml --steps 250 500 750 1000
     python benchmarks/time_to_quality.py configs/shapes_diffusion.yaml --steps 1000 2000 5000 --every 500
     python benchmarks/time_to_quality.py configs/shapes_captioner.yaml --budgets 1 2.5 5 10
     python benchmarks/time_to_quality.py configs/shapes_classifier.yaml --budgets 1 2.5 5

@@ -18,7 +18,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mmlm.config import ConfigError, load_config
-from mmlm.demo_plan import SpeedMeter, Stage, StageWatch, cap_shares, format_duration, remaining_cap, run_eta
+from mmlm.demo_plan import (
+    SpeedMeter, Stage, StageWatch, cap_shares, format_duration, matmul_gflops, remaining_cap, run_eta,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ZERO_SHOT_TEMPLATES = ["a small {}", "a large {}"]  # captions start "a <size> ..."
@@ -129,6 +131,9 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes
     print("Plan: " + ", ".join(f"{s.name} {s.steps:,} steps" for s in stages)
           + ". Quality is set in steps; the time depends on this machine (ETAs follow once the first steps "
             "are timed).")
+    machine = machine_speed(cap_cfg.train.num_threads)
+    print(f"This machine: CPU fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s with {machine['threads']} threads "
+          "(steps/s scale with it: place your run beside the README's figures).")
     if quick:
         print(QUICK_NOTE)
     caps: dict[str, float] = {}
@@ -179,6 +184,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes
         "generator": _split_metrics(gen_result),
         "plan": {s.name: {"planned_steps": s.steps, "steps_per_s": s.steps_per_s} for s in stages},
         "data": data_summary,
+        "machine": machine,
         "timings": timings,
     }
     metrics["bars"] = bar_summary(metrics)
@@ -189,6 +195,18 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes
     print_outcome(metrics)
     print_next_steps(out, report)
     return metrics
+
+
+def machine_speed(threads: int | None) -> dict:
+    """fp32 matmul GFLOP/s with the threads the recipes train with."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return {"matmul_gflops": round(matmul_gflops(), 1), "threads": torch.get_num_threads()}
+    finally:
+        torch.set_num_threads(before)
 
 
 def _apply_cap(cfg, cap_minutes: float | None) -> None:
@@ -303,7 +321,8 @@ def summary_lines(metrics: dict) -> list[str]:
         "(reading its prompts with the captioner's LM).",
         f"**Took** {t['total_s'] / 60:.1f} min in all: captioner {t['captioner_s'] / 60:.1f} min{speed('captioner')}, "
         f"generator {t['generator_s'] / 60:.1f} min{speed('generator')} (each with its evaluation), zero-shot "
-        f"classification {t['zero_shot_s'] / 60:.1f} min.",
+        f"classification {t['zero_shot_s'] / 60:.1f} min, on a machine with CPU fp32 matmul "
+        f"{metrics['machine']['matmul_gflops']:.0f} GFLOP/s ({metrics['machine']['threads']} threads).",
         f"**Result**: {verdict}",
     ]
     if metrics["quick"]:

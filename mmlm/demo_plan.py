@@ -36,6 +36,23 @@ class Stage:
         return RELATIVE_STEP_COST.get(self.name, 1.0)
 
 
+def matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
+    """This machine's fp32 matmul speed (best of ``repeats``, torch's current threads): the figure that places a
+    run's steps/s beside other machines' (the same recipe ran 2.2 steps/s at ~63 GFLOP/s, ~9 at ~160)."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # first-call costs stay out
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
 def format_duration(seconds: float) -> str:
     """125 -> ``"2 min 5 s"``; 42 -> ``"42 s"``."""
     seconds = max(0, round(seconds))

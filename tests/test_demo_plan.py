@@ -150,6 +150,7 @@ def _metrics(all_met: bool, **extra):
                "plan": {"captioner": {"planned_steps": 1000, "steps_per_s": 2.2},
                         "generator": {"planned_steps": 2000, "steps_per_s": 1.9}},
                "timings": {"total_s": 1200, "captioner_s": 480, "generator_s": 690, "zero_shot_s": 30},
+               "machine": {"matmul_gflops": 63.4, "threads": 2},
                "bars": {"all_met": all_met, "bars": bars}}
     metrics.update(extra)
     return metrics
@@ -161,6 +162,7 @@ def test_report_summary_says_what_how_long_and_whether_every_bar_was_met():
     assert "captioner for 1,000 steps (32,000 samples)" in lines[0]
     assert "generator for 1,500 steps of the 2,000 planned (48,000 samples)" in lines[0]
     assert "20.0 min in all" in lines[1] and "captioner 8.0 min at 2.20 steps/s" in lines[1]
+    assert "matmul 63 GFLOP/s (2 threads)" in lines[1]  # the machine's speed, so a reader can place the run
     assert "every quality bar met (1 of 1)" in lines[2]
     capped = summary_lines(_metrics(False, max_minutes=12.0))
     assert "0 of 1 quality bars met; missed: exact match, test 80.0% (bar 95%)" in capped[2]
@@ -197,3 +199,11 @@ def test_time_to_quality_reports_steps_and_samples_to_each_bar():
     assert ttq.bars_reached(rows[:1])[0]["steps"] is None
     with pytest.raises(ValueError, match="steps > 0"):
         ttq.run_budget("configs/shapes_captioner.yaml", 0, [], Path("unused"), unit="steps")
+
+
+def test_matmul_speed_counts_two_flops_per_multiply_add(monkeypatch):
+    from mmlm import demo_plan
+
+    clock = iter([0.0, 0.5] * 10)  # every timed matmul "takes" 0.5 s
+    monkeypatch.setattr("time.perf_counter", lambda: next(clock))
+    assert demo_plan.matmul_gflops(size=100, repeats=2) == 2 * 100**3 / 0.5 / 1e9

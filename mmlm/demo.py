@@ -390,6 +390,6 @@ def explanation_overlays(report, captioner, images) -> None:
 def print_next_steps(out: Path, report: Path) -> None:
     print(f"\nReport: {report} (and {report.with_suffix('.html')})\nTry the trained models:")
     print(f"  mmlm caption {out}/captioner {out}/data_sample")
-    print(f"  mmlm classify {out}/captioner {out}/data_sample --labels 'red circle,blue square,green star' "
+    print(f"  mmlm classify {out}/captioner {out}/data_sample --labels 'circle in red,square in blue,star in green' "
           "--prompt 'a small {}' --prompt 'a large {}' --open-ended --ensemble marginal")
     print(f"  mmlm generate {out}/generator \"a large blue star at the top\" --n 8 --grid --out stars.png")

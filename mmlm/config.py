@@ -223,7 +223,8 @@ class ShapesConfig:
     min_shapes: int = 1
     max_shapes: int = 3
     language: str = "en"  # "en" or "zh"
-    # The canonical caption's words: "a large green circle" (colour_kind) or "a large circle in green" (kind_colour)
+    # The canonical caption's words (English): "a large green circle on the left" (colour_kind), "a large circle in
+    # green on the left" (kind_colour), "on the left a large circle in green" (position_kind_colour)
     word_order: str = "colour_kind"
     seed: int = 0
 

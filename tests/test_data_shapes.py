@@ -168,7 +168,11 @@ def test_lazy_records_match_eager_generation():
         lazy[10]
 
 
-def test_kind_colour_word_order_changes_only_the_canonical_caption_and_parses_back():
+POSITION_WORDS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+                  "center": "in the center"}
+
+
+def test_kind_first_word_orders_change_only_the_canonical_caption_and_parse_back():
     base = generate_shapes(20, split="compositional")
     kind_first = generate_shapes(20, split="compositional", config=ShapesConfig(word_order="kind_colour"))
     for a, b in zip(base, kind_first):
@@ -180,6 +184,11 @@ def test_kind_colour_word_order_changes_only_the_canonical_caption_and_parses_ba
     other = "red" if first["colour"] != "red" else "blue"
     wrong = kind_first[0].captions[0].replace(f"in {first['colour']}", f"in {other}", 1)
     assert wrong != kind_first[0].captions[0] and not captions_match(wrong, kind_first[0].attributes)
+    position_first = generate_shapes(20, split="compositional", config=ShapesConfig(word_order="position_kind_colour"))
+    for a, b in zip(kind_first, position_first):
+        shape = b.attributes["shapes"][0]
+        assert b.captions[1:] == a.captions[1:] and captions_match(b.captions[0], b.attributes)
+        assert b.captions[0].startswith(f"{POSITION_WORDS[shape['position']]} a {shape['size']} {shape['kind']} in ")
     with pytest.raises(ValueError, match="word_order"):
         generate_shapes(1, config=ShapesConfig(word_order="kind_first"))
     with pytest.raises(ValueError, match="English only"):

@@ -46,8 +46,8 @@ def _join_en(parts: list[str]) -> str:
 
 
 def colour_kind_words(colour: str, kind: str, word_order: str = "colour_kind") -> str:
-    """How an English caption names a shape after its size: "green circle", or "circle in green" (kind_colour)."""
-    return f"{kind} in {colour}" if word_order == "kind_colour" else f"{colour} {kind}"
+    """How an English caption names a shape after its size: "green circle", or "circle in green" (kind first)."""
+    return f"{colour} {kind}" if word_order == "colour_kind" else f"{kind} in {colour}"
 
 
 def _phrase(shape: dict, language: str, word_order: str = "colour_kind") -> str:
@@ -60,16 +60,19 @@ def _position(shape: dict, language: str) -> str:
     return (_ZH if language == "zh" else _EN)["position"][shape["position"]]
 
 
-WORD_ORDERS = ("colour_kind", "kind_colour")
+WORD_ORDERS = ("colour_kind", "kind_colour", "position_kind_colour")
 
 
 def canonical_caption(shapes: list[dict], language: str = "en", word_order: str = "colour_kind") -> str:
-    """The one canonical caption: shapes in the given order, each with its position. ``word_order="kind_colour"``
-    (English) names the kind before the colour: "a large circle in green on the left"."""
+    """The one canonical caption: shapes in the given order, each with its position. English ``word_order``:
+    ``colour_kind`` "a large green circle on the left", ``kind_colour`` "a large circle in green on the left",
+    ``position_kind_colour`` "on the left a large circle in green"."""
     if word_order not in WORD_ORDERS:
         raise ValueError(f"word_order: expected one of {WORD_ORDERS}, got {word_order!r}")
     if language == "zh":
         return "，".join(_position(s, "zh") + _phrase(s, "zh") for s in shapes)
+    if word_order == "position_kind_colour":
+        return _join_en([f"{_position(s, 'en')} {_phrase(s, 'en', word_order)}" for s in shapes])
     return _join_en([f"{_phrase(s, 'en', word_order)} {_position(s, 'en')}" for s in shapes])
 
 

@@ -121,8 +121,9 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes
     if max_minutes is not None and max_minutes <= 0:
         raise ValueError(f"--max-minutes: expected > 0, got {max_minutes}")
     cap_cfg = load_config(recipe("shapes_captioner.yaml"), QUICK_CAPTIONER if quick else [])
+    captioner_dir = out / "captioner" / "model"
     gen_cfg = load_config(recipe("shapes_diffusion.yaml"),
-                          on_captioner(out / "captioner" / "model") + (QUICK_GENERATOR if quick else []))
+                          on_captioner(captioner_dir) + (QUICK_GENERATOR if quick else []))
     stages = [Stage("captioner", planned_steps(cap_cfg, "captioner")),
               Stage("generator", planned_steps(gen_cfg, "generator"))]
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +159,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes
 
     _section("3/4 generator: text-conditioned diffusion (UNet on 2x2 pixel patches) on the captioner's LM")
     gen_cfg.output_dir = str(out / "generator")
-    gen_cfg.eval.captioner = str(out / "captioner" / "model")  # caption round trip of generated images
+    gen_cfg.eval.captioner = str(captioner_dir)  # caption round trip of generated images
     if max_minutes is not None:
         caps["generator"] = remaining_cap(max_minutes, time.perf_counter() - started, stages[1:])
     _apply_cap(gen_cfg, caps.get("generator"))

@@ -432,7 +432,7 @@ def test_a_broken_python_block_fails(work, monkeypatch):
     with pytest.raises(TypeError):
         run_python(broken, work, monkeypatch)
     code = block.code[:block.code.index("generator = ")]  # up to the classification; the claim (2, 2) is broken
-    bad_claim = Block("python", code.replace('"blue square"', '"blue square", "green star"'), block.line)
+    bad_claim = Block("python", code.replace('"square in blue"', '"square in blue", "star in green"'), block.line)
     with pytest.raises(AssertionError):
         _check_api_block(run_python(bad_claim, work, monkeypatch), work)
 

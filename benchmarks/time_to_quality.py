@@ -36,7 +36,7 @@ from mmlm.eval.plots import read_metrics_jsonl
 
 QUALITY_KEYS = ("exact_match", "accuracy", "fidelity", "cider")  # the first one the task reports is the table's metric
 SPLITS = ("test", "compositional")
-TASK_BARS = {"captioning": BARS["captioner"], "diffusion": BARS["generator"]}
+TASK_BARS = {"captioning": BARS["captioner"], "diffusion": BARS["generator"], "vqa": BARS["vqa"]}
 
 
 def quality_metric(result: dict) -> str:

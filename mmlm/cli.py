@@ -186,11 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         mmlm demo                   # quality set in steps: prints its ETA once the first steps are timed
         mmlm demo --max-minutes 10  # capped: the quality bars may not be reached
         mmlm demo --quick --out /tmp/demo   # under 2 minutes, quality far below the demo's
+        mmlm demo --vqa             # also fine-tunes the captioner to answer questions (3,000 more steps)
     """))
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a fast first look (quality far below the demo's)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="cap the whole run at N minutes (the quality bars may then not be reached)")
+    p.add_argument("--vqa", action="store_true",
+                   help="add a stage: the captioner fine-tuned to answer questions about the images")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="export a VLM to a transformers class (use it without mmlm)",

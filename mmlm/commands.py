@@ -190,7 +190,7 @@ def cmd_data_inspect(args) -> int:
 def cmd_demo(args) -> int:
     from mmlm.demo import run_demo
 
-    run_demo(out_dir=args.out, quick=args.quick, max_minutes=args.max_minutes)
+    run_demo(out_dir=args.out, quick=args.quick, max_minutes=args.max_minutes, vqa=args.vqa)
     return 0
 
 

@@ -7,7 +7,8 @@ trip) and writes report.md / report.html with pictures, metrics.json and the sav
 Quality is set in optimizer steps (each recipe's ``train.max_steps``, sized to reach the bars in
 :mod:`mmlm.eval.bars`), so every machine trains the same models and only the duration differs: the demo
 times the first steps of each stage and prints an ETA (:mod:`mmlm.demo_plan`). ``max_minutes`` caps the
-whole run; then the bars may not be reached, and the terminal and the report say so.
+whole run; then the bars may not be reached, and the terminal and the report say so. ``vqa`` adds a
+third stage, the captioner fine-tuned to answer questions (:mod:`mmlm.demo_vqa`).
 """
 
 from __future__ import annotations
@@ -108,11 +109,14 @@ class Progress:
                           lambda meter, step: tqdm.write("ETA " + self.message(name, meter, step)))
 
 
-def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes: float | None = None) -> dict:
+def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes: float | None = None,
+             vqa: bool = False) -> dict:
     """Train, evaluate and report; returns the metrics written to ``out_dir/metrics.json``.
 
-    ``max_minutes`` caps the whole run (then the bars may not be reached)."""
+    ``max_minutes`` caps the whole run (then the bars may not be reached); ``vqa`` adds the question-answering
+    stage."""
     from mmlm.api import load, train
+    from mmlm.demo_vqa import vqa_overrides
     from mmlm.eval import write_metrics
 
     out = Path(out_dir)
@@ -124,8 +128,12 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes
     captioner_dir = out / "captioner" / "model"
     gen_cfg = load_config(recipe("shapes_diffusion.yaml"),
                           on_captioner(captioner_dir) + (QUICK_GENERATOR if quick else []))
+    vqa_cfg = load_config(recipe("shapes_vqa.yaml"), vqa_overrides(captioner_dir, quick)) if vqa else None
     stages = [Stage("captioner", planned_steps(cap_cfg, "captioner")),
               Stage("generator", planned_steps(gen_cfg, "generator"))]
+    if vqa_cfg is not None:
+        stages.append(Stage("vqa", planned_steps(vqa_cfg, "vqa")))
+    sections = iter(f"{k}/{len(stages) + 2}" for k in range(1, len(stages) + 3))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -143,35 +151,32 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes
         print(cap_note(max_minutes))
     progress = Progress(stages, started, caps, max_minutes)
 
-    _section("1/4 data: the procedural shapes dataset")
+    _section(f"{next(sections)} data: the procedural shapes dataset")
     data_summary = write_data_sample(out / "data_sample")
 
-    _section("2/4 captioner: timm encoder -> projector -> causal LM, trained from scratch")
-    cap_cfg.output_dir = str(out / "captioner")
-    _apply_cap(cap_cfg, caps.get("captioner"))
-    if cap_cfg.train.max_minutes is not None:  # the ETA honours a cap from --max-minutes or the recipe
-        caps["captioner"] = cap_cfg.train.max_minutes
-    t0 = time.perf_counter()
-    with progress.watch("captioner", out / "captioner"):
-        cap_result = train(cap_cfg)
-    timings["captioner_s"] = time.perf_counter() - t0
-    _record_speed(stages[0], cap_result)
+    def run_stage(index: int, cfg, title: str) -> dict:
+        stage = stages[index]
+        _section(f"{next(sections)} {stage.name}: {title}")
+        cfg.output_dir = str(out / stage.name)
+        if max_minutes is not None and index > 0:
+            caps[stage.name] = remaining_cap(max_minutes, time.perf_counter() - started, stages[index:])
+        _apply_cap(cfg, caps.get(stage.name))
+        if cfg.train.max_minutes is not None:  # the ETA honours a cap from --max-minutes or the recipe
+            caps[stage.name] = cfg.train.max_minutes
+        t0 = time.perf_counter()
+        with progress.watch(stage.name, out / stage.name):
+            result = train(cfg)
+        timings[f"{stage.name}_s"] = time.perf_counter() - t0
+        _record_speed(stage, result)
+        return result
 
-    _section("3/4 generator: text-conditioned diffusion (UNet on 2x2 pixel patches) on the captioner's LM")
-    gen_cfg.output_dir = str(out / "generator")
+    cap_result = run_stage(0, cap_cfg, "timm encoder -> projector -> causal LM, trained from scratch")
     gen_cfg.eval.captioner = str(captioner_dir)  # caption round trip of generated images
-    if max_minutes is not None:
-        caps["generator"] = remaining_cap(max_minutes, time.perf_counter() - started, stages[1:])
-    _apply_cap(gen_cfg, caps.get("generator"))
-    if gen_cfg.train.max_minutes is not None:
-        caps["generator"] = gen_cfg.train.max_minutes
-    t0 = time.perf_counter()
-    with progress.watch("generator", out / "generator"):
-        gen_result = train(gen_cfg)
-    timings["generator_s"] = time.perf_counter() - t0
-    _record_speed(stages[1], gen_result)
+    gen_result = run_stage(1, gen_cfg, "text-conditioned diffusion (UNet on 2x2 pixel patches) on the captioner's LM")
+    vqa_result = None if vqa_cfg is None else run_stage(
+        2, vqa_cfg, "the captioner fine-tuned to answer questions about the images (configs/shapes_vqa.yaml)")
 
-    _section("4/4 evaluation and report")
+    _section(f"{next(sections)} evaluation and report")
     t0 = time.perf_counter()
     captioner, generator = load(out / "captioner"), load(out / "generator")
     zero_shot = zero_shot_classification(captioner, cap_cfg, n=64 if quick else ZERO_SHOT_IMAGES)
@@ -188,9 +193,12 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes
         "machine": machine,
         "timings": timings,
     }
+    if vqa_result is not None:
+        metrics["vqa"] = _split_metrics(vqa_result)
     metrics["bars"] = bar_summary(metrics)
     write_metrics(metrics, out / "metrics.json")
-    report = write_report(out, metrics, captioner, generator, cap_cfg, zero_shot, quick)
+    vqa_model = None if vqa_cfg is None else (load(out / "vqa"), vqa_cfg)
+    report = write_report(out, metrics, captioner, generator, cap_cfg, zero_shot, quick, vqa_model)
     metrics["timings"]["report_s"] = time.perf_counter() - started - timings["total_s"]
     write_metrics(metrics, out / "metrics.json")
     print_outcome(metrics)
@@ -229,7 +237,9 @@ def bar_summary(metrics: dict) -> dict:
     from mmlm.eval.bars import bar_results
 
     rows, all_met = {}, True
-    for stage in ("captioner", "zero_shot_classification", "generator"):
+    for stage in ("captioner", "zero_shot_classification", "generator", "vqa"):
+        if stage not in metrics:  # the VQA stage runs with --vqa only
+            continue
         for bar, value, ok in bar_results(stage, metrics[stage]):
             rows[f"{stage}/{bar.key}"] = {"label": bar.label, "value": value, "bar": bar.threshold, "met": ok}
             all_met &= ok
@@ -317,11 +327,15 @@ def summary_lines(metrics: dict) -> list[str]:
         misses = [f"{r['label']} " + ("not measured" if r["value"] is None else f"{100 * r['value']:.1f}%")
                   + f" (bar {100 * r['bar']:.0f}%)" for r in rows if not r["met"]]
         verdict = f"{met} of {len(rows)} quality bars met; missed: " + "; ".join(misses) + "."
+    also = ""
+    if "vqa" in metrics:
+        also = f", then fine-tuned the captioner to answer questions: {trained('vqa', metrics['vqa'])}"
+    vqa_time = f", VQA {t['vqa_s'] / 60:.1f} min{speed('vqa')}" if "vqa_s" in t else ""
     lines = [
         f"**Trained** from scratch on the shapes data: {trained('captioner', cap)} and {trained('generator', gen)} "
-        "(reading its prompts with the captioner's LM).",
+        f"(reading its prompts with the captioner's LM){also}.",
         f"**Took** {t['total_s'] / 60:.1f} min in all: captioner {t['captioner_s'] / 60:.1f} min{speed('captioner')}, "
-        f"generator {t['generator_s'] / 60:.1f} min{speed('generator')} (each with its evaluation), zero-shot "
+        f"generator {t['generator_s'] / 60:.1f} min{speed('generator')}{vqa_time} (each with its evaluation), zero-shot "
         f"classification {t['zero_shot_s'] / 60:.1f} min, on a machine with CPU fp32 matmul "
         f"{metrics['machine']['matmul_gflops']:.0f} GFLOP/s ({metrics['machine']['threads']} threads).",
         f"**Result**: {verdict}",
@@ -333,9 +347,11 @@ def summary_lines(metrics: dict) -> list[str]:
     return lines
 
 
-def write_report(out: Path, metrics: dict, captioner, generator, cap_cfg, zero_shot: dict, quick: bool) -> Path:
+def write_report(out: Path, metrics: dict, captioner, generator, cap_cfg, zero_shot: dict, quick: bool,
+                 vqa_model: tuple | None = None) -> Path:
     """report.md + report.html: the outcome first, then each model's figures beside their bars, captioned test
-    images (full captions), zero-shot probabilities and generated grids."""
+    images (full captions), zero-shot probabilities, generated grids and (``vqa_model``: (model, config)) the
+    questions answered on test images."""
     from mmlm.eval import ReportWriter
     from mmlm.eval.bars import BARS
 
@@ -372,6 +388,10 @@ def write_report(out: Path, metrics: dict, captioner, generator, cap_cfg, zero_s
         images = generator.generate([prompt], num_images_per_prompt=8, seed=0)
         report.image_grid(images, None, name=f"generated_{prompt.replace(' ', '_')}", caption=f"'{prompt}'")
     report.loss_curve(out / "generator" / "metrics.jsonl", name="generator_loss", caption="Generator loss")
+    if vqa_model is not None:
+        from mmlm.demo_vqa import report_section
+
+        report_section(report, *vqa_model, metrics["vqa"])
     return report.write()["markdown"]
 
 
@@ -394,3 +414,5 @@ def print_next_steps(out: Path, report: Path) -> None:
     print(f"  mmlm classify {out}/captioner {out}/data_sample --labels 'circle in red,square in blue,star in green' "
           "--prompt 'a small {}' --prompt 'a large {}' --open-ended --ensemble marginal")
     print(f"  mmlm generate {out}/generator \"a large blue star at the top\" --n 8 --grid --out stars.png")
+    if (out / "vqa" / "model").is_dir():
+        print(f"  mmlm ask {out}/vqa {out}/data_sample --question \"how many circles are there?\"")

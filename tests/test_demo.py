@@ -64,3 +64,29 @@ def run_examples(out, tmp_path):
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert len(rows) == 16 and all(isinstance(r["caption"], str) for r in rows)
+
+
+@pytest.mark.slow
+def test_quick_demo_with_vqa_adds_the_question_answering_stage(tmp_path):
+    """`mmlm demo --quick --vqa`: a third stage starts from the demo's captioner; its figures sit beside their bars
+    and the report shows test images with questions and answers."""
+    import subprocess
+
+    out = tmp_path / "demo"
+    done = subprocess.run(["mmlm", "demo", "--quick", "--vqa", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Plan: captioner 250 steps, generator 150 steps, vqa 100 steps" in done.stdout
+    assert "3/5 generator" in done.stdout and "4/5 vqa" in done.stdout and f"mmlm ask {out}/vqa" in done.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    vqa = metrics["vqa"]
+    assert 0 < vqa["step"] <= 100 and metrics["plan"]["vqa"]["planned_steps"] == 100
+    for key in ("test/accuracy", "compositional/accuracy", "test/accuracy_count"):
+        assert 0.0 <= vqa[key] <= 1.0, key
+        assert f"vqa/{key}" in metrics["bars"]["bars"], key
+    assert f"init_from: {out}/captioner/model" in (out / "vqa" / "config.yaml").read_text()  # the two-stage recipe
+    report = (out / "report.md").read_text()
+    assert report.index("## Generator") < report.index("## Visual question answering")
+    assert "VQA accuracy, test" in report and "(bar 95%)" in report and "images/vqa_answers.png" in report
+    assert "then fine-tuned the captioner to answer questions" in report
+    assert (out / "vqa" / "model" / "model.safetensors").is_file()

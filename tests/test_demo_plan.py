@@ -170,11 +170,49 @@ def test_report_summary_says_what_how_long_and_whether_every_bar_was_met():
     assert summary_lines(_metrics(False, quick=True))[3] == QUICK_NOTE
 
 
+def test_report_summary_names_the_vqa_stage_when_it_ran():
+    metrics = _metrics(True)
+    assert "answer questions" not in " ".join(summary_lines(metrics))
+    metrics["vqa"] = {"step": 3000, "samples_seen": 96000}
+    metrics["plan"]["vqa"] = {"planned_steps": 3000, "steps_per_s": 2.5}
+    metrics["timings"]["vqa_s"] = 1320
+    lines = summary_lines(metrics)
+    assert "then fine-tuned the captioner to answer questions: a vqa for 3,000 steps (96,000 samples)" in lines[0]
+    assert "VQA 22.0 min at 2.50 steps/s" in lines[1]
+
+
+def test_bar_summary_judges_the_vqa_bars_only_when_the_stage_ran():
+    from mmlm.demo import bar_summary
+
+    metrics = {"captioner": {"test/exact_match": 0.97, "compositional/exact_match": 0.9},
+               "zero_shot_classification": {"accuracy": 0.93}, "generator": {"test/fidelity": 0.91}}
+    assert bar_summary(metrics)["all_met"] and not any(k.startswith("vqa/") for k in bar_summary(metrics)["bars"])
+    metrics["vqa"] = {"test/accuracy": 0.97, "compositional/accuracy": 0.9, "test/accuracy_count": 0.85}
+    summary = bar_summary(metrics)
+    assert not summary["all_met"] and summary["bars"]["vqa/test/accuracy_count"]["met"] is False
+    assert summary["bars"]["vqa/test/accuracy"] == {"label": "VQA accuracy, test", "value": 0.97, "bar": 0.95,
+                                                    "met": True}
+
+
+def test_demo_vqa_stage_starts_from_the_demo_captioner(tmp_path):
+    from mmlm.config import load_config
+    from mmlm.demo import recipe
+    from mmlm.demo_vqa import QUESTIONS_PER_IMAGE, scene_questions, vqa_overrides
+
+    cfg = load_config(recipe("shapes_vqa.yaml"), vqa_overrides(tmp_path / "captioner" / "model", quick=False))
+    assert cfg.model.init_from == str(tmp_path / "captioner" / "model") and cfg.train.max_steps == 3000
+    assert cfg.eval.splits == ["test", "compositional"]
+    images, pairs = scene_questions(cfg, n_images=4)
+    assert len(images) == len(pairs) == 4 and all(1 <= len(qs) <= QUESTIONS_PER_IMAGE for qs in pairs)
+    assert all(len(set(qs)) == len(qs) and all(q.endswith("?") and a for q, a in qs) for qs in pairs)
+
+
 def test_cli_demo_takes_max_minutes():
     from mmlm.cli import build_parser
 
     args = build_parser().parse_args(["demo", "--max-minutes", "12.5", "--out", "x"])
-    assert args.max_minutes == 12.5 and args.quick is False
+    assert args.max_minutes == 12.5 and args.quick is False and args.vqa is False
+    assert build_parser().parse_args(["demo", "--vqa"]).vqa is True
 
 
 def test_time_to_quality_reports_steps_and_samples_to_each_bar():

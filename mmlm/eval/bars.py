@@ -40,6 +40,9 @@ BARS: dict[str, tuple[Bar, ...]] = {
                   Bar("compositional/exact_match", "exact match, compositional", 0.85)),
     "zero_shot_classification": (Bar("accuracy", "zero-shot colour+kind accuracy", 0.90),),
     "generator": (Bar("test/fidelity", "prompt fidelity, test", 0.90),),
+    "vqa": (Bar("test/accuracy", "VQA accuracy, test", 0.95),
+            Bar("compositional/accuracy", "VQA accuracy, compositional", 0.85),
+            Bar("test/accuracy_count", "VQA counting accuracy, test", 0.90)),  # `mmlm demo --vqa` only
 }
 
 

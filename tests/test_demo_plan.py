@@ -5,7 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from mmlm.demo import QUICK_NOTE, Progress, cap_note, planned_steps, run_demo, summary_lines
+from mmlm.demo import Progress, planned_steps, run_demo
+from mmlm.demo_report import QUICK_NOTE, cap_note, summary_lines
 from mmlm.demo_plan import (
     EVAL_SHARE,
     REPORT_SHARE,

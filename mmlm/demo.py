@@ -187,7 +187,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, max_minutes
     metrics["bars"] = bar_summary(metrics)
     write_metrics(metrics, out / "metrics.json")
     vqa_model = None if vqa_cfg is None else (load(out / "vqa"), vqa_cfg)
-    report = write_report(out, metrics, captioner, generator, cap_cfg, zero_shot, quick, vqa_model)
+    report = write_report(out, metrics, captioner, generator, zero_shot, quick, vqa_model)
     metrics["timings"]["report_s"] = time.perf_counter() - started - timings["total_s"]
     write_metrics(metrics, out / "metrics.json")
     print_outcome(metrics)

@@ -59,7 +59,7 @@ def summary_lines(metrics: dict) -> list[str]:
     return lines
 
 
-def write_report(out: Path, metrics: dict, captioner, generator, cap_cfg, zero_shot: dict, quick: bool,
+def write_report(out: Path, metrics: dict, captioner, generator, zero_shot: dict, quick: bool,
                  vqa_model: tuple | None = None) -> Path:
     """report.md + report.html: the outcome first, then each model's figures beside their bars, captioned test
     images (full captions), zero-shot probabilities, generated grids and (``vqa_model``: (model, config)) the

@@ -23,19 +23,19 @@ def vqa_overrides(captioner_dir: Path, quick: bool) -> list[str]:
     return [f"model.init_from={captioner_dir}", f"model.max_length={MAX_LENGTH}"] + (QUICK_VQA if quick else [])
 
 
-def scene_questions(cfg, n_images: int = SHOWN_IMAGES) -> tuple[list, list[list[tuple[str, str]]]]:
+def shown_questions(cfg, n_images: int = SHOWN_IMAGES) -> tuple[list, list[list[tuple[str, str]]]]:
     """``n_images`` test images and, per image, ``QUESTIONS_PER_IMAGE`` (question, answer) pairs of distinct
-    families where the scene allows (the evaluation's own question draw)."""
-    from mmlm.data.vqa import ShapesVQADataset
+    families where the scene allows (the evaluation's own question draw; each image drawn once)."""
+    from mmlm.data.vqa import ShapesVQADataset, render_answer, render_question
 
     dataset = ShapesVQADataset(n_images, split="test", config=cfg.data.shapes, questions_per_image=QUESTIONS_PER_IMAGE)
     images = [dataset.records[i].image for i in range(n_images)]
     pairs: list[list[tuple[str, str]]] = [[] for _ in range(n_images)]
     for index in range(len(dataset)):
-        image_index = index // QUESTIONS_PER_IMAGE
-        item = dataset[index]
-        if (item["question"], item["answer"]) not in pairs[image_index]:  # a small scene repeats its last question
-            pairs[image_index].append((item["question"], item["answer"]))
+        question, language, _ = dataset.question(index)  # without drawing the image again
+        pair = (render_question(question, language), render_answer(question, language))
+        if pair not in pairs[index // QUESTIONS_PER_IMAGE]:  # a small scene repeats its last question
+            pairs[index // QUESTIONS_PER_IMAGE].append(pair)
     return images, pairs
 
 
@@ -70,7 +70,7 @@ def report_section(report, model, cfg, metrics: dict) -> None:
                 "model.init_from the demo's captioner), answering in its chat format; accuracy is VQAv2-style "
                 "(normalised exact match), per family in metrics.json.")
     report.results(metrics, BARS["vqa"])
-    images, pairs = scene_questions(cfg)
+    images, pairs = shown_questions(cfg)
     texts, right, asked = answered_texts(model, images, pairs)
     report.image_grid(images, texts, name="vqa_answers", ncols=4, cell_size=200, full_captions=True,
                       caption=f"Test images, each with its questions and the model's answers ({right} of {asked} "

@@ -198,12 +198,12 @@ def test_bar_summary_judges_the_vqa_bars_only_when_the_stage_ran():
 def test_demo_vqa_stage_starts_from_the_demo_captioner(tmp_path):
     from mmlm.config import load_config
     from mmlm.demo import recipe
-    from mmlm.demo_vqa import QUESTIONS_PER_IMAGE, scene_questions, vqa_overrides
+    from mmlm.demo_vqa import QUESTIONS_PER_IMAGE, shown_questions, vqa_overrides
 
     cfg = load_config(recipe("shapes_vqa.yaml"), vqa_overrides(tmp_path / "captioner" / "model", quick=False))
     assert cfg.model.init_from == str(tmp_path / "captioner" / "model") and cfg.train.max_steps == 3000
     assert cfg.eval.splits == ["test", "compositional"]
-    images, pairs = scene_questions(cfg, n_images=4)
+    images, pairs = shown_questions(cfg, n_images=4)
     assert len(images) == len(pairs) == 4 and all(1 <= len(qs) <= QUESTIONS_PER_IMAGE for qs in pairs)
     assert all(len(set(qs)) == len(qs) and all(q.endswith("?") and a for q, a in qs) for qs in pairs)
 

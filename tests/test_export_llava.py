@@ -84,6 +84,7 @@ def test_llava_export_reproduces_mmlm_without_mmlm(tmp_path, case):
                                                           "projector.type=mlp"),
     ({"projector": "perceiver", "num_heads": 2}, "perceiver projector: no Llava equivalent"),
     ({"vision": {**VIT, "feature_layer": -1, "pos_embed_2d": True}}, "vision.pos_embed_2d"),
+    ({"vision": {**VIT, "feature_layer": -1, "colour_stream": True}}, "vision.colour_stream"),
     ({"vision": {**VIT}}, "vision.feature_layer=null"),
     ({"vision": {"name": "resnet10t", "features_only_stage": 1, "image_size": 32}}, "only timm VisionTransformer"),
     ({"vision": {**VIT, "feature_layer": -1, "kwargs": {"patch_size": 8, "depth": 2, "init_values": 1e-5}}},

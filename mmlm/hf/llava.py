@@ -54,6 +54,9 @@ def plan_llava(vlm) -> LlavaPlan:
     if vision.pos_embed is not None:
         raise ExportError("vision.pos_embed_2d: Llava adds no position embedding to the image tokens; "
                           "use vision.pos_embed_2d=false")
+    if vision.colour_stream is not None:
+        raise ExportError("vision.colour_stream: Llava has no colour stream beside its tower; "
+                          "use vision.colour_stream=false")
     if not isinstance(backbone, VisionTransformer):
         raise ExportError(f"vision '{config.name}' ({type(backbone).__name__}): only timm VisionTransformer towers "
                           "map to Llava (transformers' ViTModel); TimmWrapper gives Llava NCHW feature maps, not tokens")

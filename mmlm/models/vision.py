@@ -6,7 +6,9 @@ this module only chooses which features become tokens:
 * ViT-like models: the last layer (``forward_features``) or any block via
   ``forward_intermediates`` (NLC), with the class/prefix tokens kept or dropped;
 * CNNs: the final feature map, or an earlier stage (``features_only``), flattened to H*W tokens;
-* optionally a learned 2D position embedding added to the tokens (CNN maps have none).
+* optionally a learned 2D position embedding added to the tokens (CNN maps have none);
+* optionally a colour stream (:mod:`mmlm.models.colour_stream`): the tower learns shape on channel-shuffled
+  images, and the true colours reach the tokens beside it.
 
 Heads that ``forward_features`` never uses (classifier, SigLIP's attention pool) are removed, and
 a final norm that timm keeps in the head (``fc_norm`` of avg-pool ViTs, ConvNeXt's ``head.norm``)
@@ -29,6 +31,7 @@ import torchvision.transforms.functional as TF
 from torch import nn
 
 from mmlm.config import ConfigError
+from mmlm.models.colour_stream import ColourStream, shuffle_channels
 from mmlm.models.freezing import freeze, is_frozen
 from mmlm.safety import load_state_dict
 
@@ -51,6 +54,10 @@ class VisionConfig:
     keep_prefix_tokens: bool = False  # keep the ViT class/register tokens
     pos_embed_2d: bool = False  # learned position embedding added to the image tokens
     freeze: bool = False  # no gradients, eval mode kept (BatchNorm, dropout); pos_embed_2d stays trainable
+    # Train the tower on images with their RGB channels shuffled and add per-token colour features of the
+    # true image (mmlm.models.colour_stream): kind features that do not depend on colour, for from-scratch
+    # towers on data that never shows some colour-kind pairs. Square token grids only (CNN maps, ViT patches).
+    colour_stream: bool = False
     # input resolution, passed to timm as img_size where the model takes one (ViTs);
     # None = kwargs['img_size'] or timm's pretrained_cfg
     image_size: int | None = None
@@ -152,6 +159,20 @@ class VisionEncoder(nn.Module):
         for name in self.unused_parameters:  # DDP needs every trainable parameter to get a gradient
             self.backbone.get_parameter(name).requires_grad_(False)
         self.pos_embed = nn.Parameter(torch.randn(1, self.num_tokens, self.dim) * 0.02) if config.pos_embed_2d else None
+        self.colour_stream = self._colour_stream() if config.colour_stream else None
+
+    def _colour_stream(self) -> ColourStream:
+        if self.config.keep_prefix_tokens and self.num_prefix_tokens:
+            raise ConfigError("vision.colour_stream: prefix tokens have no place on the grid; "
+                              "set vision.keep_prefix_tokens=false")
+        side = math.isqrt(self.num_tokens)
+        if side * side != self.num_tokens:
+            raise ConfigError(f"vision.colour_stream: needs a square grid of image tokens; '{self.config.name}' "
+                              f"gives {self.num_tokens}")
+        if self.config.freeze:
+            raise ConfigError("vision.colour_stream: the tower must train (it learns shape on channel-shuffled "
+                              "images); set vision.freeze=false")
+        return ColourStream((side, side), self.dim, in_channels=self.data_config["input_size"][0])
 
     @property
     def frozen(self) -> bool:
@@ -214,7 +235,11 @@ class VisionEncoder(nn.Module):
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values: expected shape (batch, {', '.join(map(str, expected))}), "
                              f"got {tuple(pixel_values.shape)}; use model.image_transform()")
-        tokens = self._tokens(pixel_values)
+        if self.colour_stream is None:
+            tokens = self._tokens(pixel_values)
+        else:
+            tokens = self._tokens(shuffle_channels(pixel_values) if self.training else pixel_values)
+            tokens = tokens + self.colour_stream(pixel_values)
         if self.pos_embed is not None:
             tokens = tokens + self.pos_embed
         return tokens

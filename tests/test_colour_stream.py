@@ -8,6 +8,7 @@ from hub_fixtures import vision_config
 from mmlm.config import ConfigError
 from mmlm.models import LanguageConfig, ProjectorConfig, VisionConfig, VisionLanguageModel, VLMConfig
 from mmlm.models.colour_stream import shuffle_channels
+from mmlm.models.freezing import freeze
 from mmlm.models.vision import VisionEncoder
 
 STAGE2 = dict(name="resnet10t", features_only_stage=2, image_size=64, pos_embed_2d=True)
@@ -60,6 +61,9 @@ def test_the_tower_sees_shuffled_channels_in_training_and_the_true_image_in_eval
         assert any(torch.equal(got, original[list(order)]) for order in
                    [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)])
     encoder.eval()
+    assert torch.equal(tower_inputs(encoder, x), x)
+    freeze(encoder.backbone)  # as module_lr {vision: 0} does after building: a tower that no longer learns
+    encoder.train()
     assert torch.equal(tower_inputs(encoder, x), x)
 
 

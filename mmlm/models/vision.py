@@ -238,7 +238,8 @@ class VisionEncoder(nn.Module):
         if self.colour_stream is None:
             tokens = self._tokens(pixel_values)
         else:
-            tokens = self._tokens(shuffle_channels(pixel_values) if self.training else pixel_values)
+            learning = self.training and not self.frozen  # a tower frozen later (module_lr 0) sees true colours
+            tokens = self._tokens(shuffle_channels(pixel_values) if learning else pixel_values)
             tokens = tokens + self.colour_stream(pixel_values)
         if self.pos_embed is not None:
             tokens = tokens + self.pos_embed

@@ -113,3 +113,16 @@ def test_digits_benchmark_scores_both_sides_on_the_same_split(tmp_path):
     assert load_config(tmp_path / "split3" / "config.yaml").data.split_seed == 3  # the run used that split
     classic, tuned = bench.svc_accuracies(3)
     assert 0.95 <= classic <= 1.0 and 0.95 <= tuned <= 1.0
+
+
+def test_caption_errors_names_the_wrong_attribute_per_group():
+    bench = _load_benchmark("caption_errors")
+    held = {"kind": "circle", "colour": "green", "size": "large", "position": "left"}  # a HELD_OUT_PAIRS pair
+    seen = {"kind": "square", "colour": "red", "size": "small", "position": "right"}
+    captions = ["a large square in green on the left and a small square in red on the right",  # held kind wrong
+                "a large circle in green on the left",  # the seen shape is not named
+                "no shapes here"]
+    counts = bench.attribute_errors(captions, [[held, seen]] * 3)
+    assert counts["held"] == 2 and counts["seen"] == 2 and counts["unparsed"] == 1
+    assert counts["held:kind"] == 1 and counts["held:colour"] == 0 and counts["held:size"] == 0
+    assert counts["seen:missing"] == 1 and counts["seen:kind"] == 0 and counts["seen:colour"] == 0

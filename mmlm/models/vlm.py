@@ -17,7 +17,9 @@ are two configs. LoRA: ``language.lora_*`` for the LM, ``model.vision_lora`` / `
 for the tower and the projector (``mmlm.models.adapters``).
 
 This file holds the model (config, build, embed, forward, save/load, training tokenisation).
-Decoding lives in ``mmlm.models.generation``, label scoring in ``mmlm.models.scoring``.
+Decoding lives in ``mmlm.models.generation``, label scoring in ``mmlm.models.scoring``, the image-word
+loss in ``mmlm.models.image_words``. Longer than 400 lines because the public methods' documentation
+(caption, chat, classify, label scoring) stays on the class, where users read it; the work is in those modules.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from mmlm.images import load_image
 from mmlm.models import explain as explain_module, generation, scoring, vlm_files
 from mmlm.models.adapters import AdapterConfig, add_lora
 from mmlm.models.head import decoder_of, label_loss
+from mmlm.models.image_words import ImageWordHead, token_share
 from mmlm.models.language import (
     IMAGE_TOKEN, LanguageConfig, apply_lora, build_language_model, cache_argument_name, check_sequence_fits,
     enable_lm_checkpointing, forward_parameters, load_tokenizer, tokens_to_tensor,
@@ -63,6 +66,8 @@ class VLMConfig:
     max_images: int = 1  # images per sample at most (<image> markers of a conversation); more is a data error
     # Training only: this fraction of answer tokens in the LM's input is replaced by pad (models/token_dropout.py).
     answer_token_dropout: float = 0.0
+    # Training only: weight of the image-word loss (each answer word found in some image token; models/image_words.py).
+    image_word_loss: float = 0.0
     # A saved model folder (or a run folder holding model/) to start from: its weights, tokenizer and LM
     # config (language.name_or_path / config are then not read); vision / projector must match the saved ones.
     init_from: str | None = None
@@ -76,6 +81,8 @@ class VLMConfig:
             raise ConfigError(f"model.max_images: expected an integer >= 1, got {self.max_images!r}")
         if not 0.0 <= self.answer_token_dropout < 1.0:
             raise ConfigError(f"model.answer_token_dropout: expected a rate in [0, 1), got {self.answer_token_dropout}")
+        if not (isinstance(self.image_word_loss, (int, float)) and self.image_word_loss >= 0):
+            raise ConfigError(f"model.image_word_loss: expected a weight >= 0, got {self.image_word_loss!r}")
         check_prompt(self.prompt, "model.prompt")
 
 
@@ -87,6 +94,7 @@ class VLMOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor
     num_label_tokens: torch.Tensor | None = None
+    image_word_loss: torch.Tensor | None = None  # training with model.image_word_loss: the unweighted term
 
 
 class VisionLanguageModel(nn.Module):
@@ -108,6 +116,9 @@ class VisionLanguageModel(nn.Module):
         # 150k-word vocabulary and 600 image tokens, that is 90M floats per image).
         self.last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(language_model) else {}
         self._prefix_ids: dict[str, list[int]] = {}
+        if config.image_word_loss:
+            special = [i for i in tokenizer.all_special_ids if i is not None]
+            self.image_words = ImageWordHead(language_model.get_input_embeddings().num_embeddings, special)
 
     # ------------------------------------------------------------------ construction, save, load
 
@@ -161,7 +172,8 @@ class VisionLanguageModel(nn.Module):
         config, tokenizer, lm_config = vlm_files.read_saved(Path(path))
         config.language.tokenizer = None
         model = cls.from_config(config, _lm_config=lm_config, _tokenizer=tokenizer)
-        load_model(model, str(Path(path) / vlm_files.WEIGHTS_NAME), strict=True)
+        weights = Path(path) / vlm_files.WEIGHTS_NAME
+        vlm_files.check_loaded(*load_model(model, str(weights), strict=False), str(weights))
         return model.to(device) if device is not None else model
 
     # ------------------------------------------------------------------ parts
@@ -289,7 +301,13 @@ class VisionLanguageModel(nn.Module):
                              "(all -100): the loss would silently ignore them")
         hidden = decoder_of(self.language_model)(**inputs).last_hidden_state
         loss, logits, count = label_loss(self.language_model, hidden, labels, num_items_in_batch, reduction)
-        return VLMOutput(loss=loss, logits=logits, num_label_tokens=count)
+        words = None
+        if self.training and self.config.image_word_loss and pixel_values is not None:
+            words = self.image_words(embeds, input_ids == self.image_token_id, labels,
+                                     self.language_model.get_input_embeddings().weight)
+            if words is not None:
+                loss = loss + self.config.image_word_loss * token_share(count, num_items_in_batch, reduction) * words
+        return VLMOutput(loss=loss, logits=logits, num_label_tokens=count, image_word_loss=words)
 
     def lm_step(self, cache=None, **inputs):
         """One cached LM call (prefill or extension of ``cache``), as generation and scoring run it."""

@@ -82,6 +82,18 @@ def save(model: VisionLanguageModel, path: Path) -> None:
     write_model_card(path)  # the trainer's final save rewrites it with the run's recipe, steps and metrics
 
 
+def check_loaded(missing: list[str], unexpected: list[str], source: str) -> None:
+    """Raise unless every key was loaded; the image-word head (training only, never saved) may be missing
+    or left over: a new one starts at its initial values."""
+    from mmlm.models.image_words import PARAMETER_PREFIX
+
+    missing = [k for k in missing if not k.startswith(PARAMETER_PREFIX)]
+    unexpected = [k for k in unexpected if not k.startswith(PARAMETER_PREFIX)]
+    if missing or unexpected:
+        raise RuntimeError(f"{source}: weights do not match the model: missing {missing[:8]}, "
+                           f"unexpected {unexpected[:8]}")
+
+
 def resolve_init_from(init_from: str) -> Path:
     """The saved model folder ``model.init_from`` names: the folder itself or a run folder's ``model/``."""
     for folder in (Path(init_from), Path(init_from) / "model"):
@@ -103,7 +115,7 @@ def start_from(cls: type[VisionLanguageModel], config: VLMConfig) -> VisionLangu
     model = cls._build(built, None, lm_config, tokenizer)
     model.config = dataclasses.replace(model.config, init_from=config.init_from)
     try:
-        model.load_state_dict(source.plain_state_dict(), strict=True)
+        check_loaded(*model.load_state_dict(source.plain_state_dict(), strict=False), str(folder))
     except RuntimeError as err:
         raise ConfigError(f"model.init_from: the weights in {folder} do not fit this config's model "
                           f"(vision and projector must be the saved ones): {err}") from err

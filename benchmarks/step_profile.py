@@ -14,6 +14,8 @@ Run it alone (timings collapse when another process shares the cores):
     python benchmarks/step_profile.py                                    # both demo recipes
     python benchmarks/step_profile.py --recipes configs/shapes_captioner.yaml --variants eager fused
     python benchmarks/step_profile.py --quick                            # smoke run, tiny counts
+    python benchmarks/step_profile.py --recipes configs/shapes_captioner.yaml --variants eager \
+        --also "stream=model.vision.colour_stream=true"                  # an option's cost per step, same rounds
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ SMALL_DATA = ["data.shapes.n_train=512", "data.shapes.n_val=8", "data.shapes.n_t
               "data.shapes.n_compositional=8"]
 
 
-def build_step(recipe: str, variant: str, threads: int | None) -> Callable[[], float]:
-    """One training step of ``recipe`` as a closure (returns the loss), set up for ``variant``."""
-    cfg = load_config(recipe, SMALL_DATA)
+def build_step(recipe: str, variant: str, threads: int | None,
+               overrides: list[str] = ()) -> Callable[[], float]:
+    """One training step of ``recipe`` (with config ``overrides``) as a closure (returns the loss), set up
+    for ``variant``."""
+    cfg = load_config(recipe, SMALL_DATA + list(overrides))
     torch.set_num_threads(threads or cfg.train.num_threads or torch.get_num_threads())
     task = get_task(cfg)
     set_seed(cfg.train.seed)
@@ -97,14 +101,23 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--top", type=int, default=15, help="ops shown in the profile table")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's)")
+    p.add_argument("--also", action="append", default=[], metavar='NAME="key=value ..."',
+                   help="an extra eager variant with these config overrides, timed in the same rounds (repeatable)")
     p.add_argument("--quick", action="store_true", help="tiny counts: checks the script runs")
     args = p.parse_args()
+    extra = {}
+    for spec in args.also:
+        name, sep, overrides = spec.partition("=")
+        if not sep or not name or not overrides:
+            p.error(f'--also {spec!r}: expected NAME="key=value ..."')
+        extra[name] = overrides.split()
     if args.quick:
         args.steps, args.rounds, args.profile_steps, args.top = 2, 1, 1, 5
         args.variants = [v for v in args.variants if v != "compile"]
     for recipe in args.recipes:
         print(f"\n=== {recipe}: profile of {args.profile_steps} training steps (ops by self CPU time)")
         steps = {variant: build_step(recipe, variant, args.threads) for variant in args.variants}
+        steps.update({name: build_step(recipe, "eager", args.threads, overrides) for name, overrides in extra.items()})
         profile(steps["eager"] if "eager" in steps else next(iter(steps.values())), args.profile_steps, args.top)
         for step in steps.values():  # warm-up: first-call costs (compilation too) stay out of the timing
             step(), step()

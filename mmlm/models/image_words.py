@@ -52,9 +52,11 @@ class ImageWordHead(nn.Module):
         words = present.any(dim=0).nonzero().flatten()
         target = present[rows][:, words].float()
 
-        tokens = F.normalize(embeds[rows].float(), dim=-1)
+        image_mask = image_mask[rows]
+        columns = image_mask.any(dim=0)  # only the positions that hold an image token somewhere
+        tokens = F.normalize(embeds[rows][:, columns].float(), dim=-1)
         vectors = F.normalize(word_embeddings[words].detach().float(), dim=-1)
-        similarity = (tokens @ vectors.T).masked_fill(~image_mask[rows, :, None], float("-inf"))
+        similarity = (tokens @ vectors.T).masked_fill(~image_mask[:, columns, None], float("-inf"))
         scores = similarity.max(dim=1).values * self.log_scale.exp() + self.bias[words]
         return F.binary_cross_entropy_with_logits(scores, target)
 

@@ -83,6 +83,19 @@ def test_the_stream_starts_as_a_no_op_and_then_carries_the_colour_at_its_place()
     torch.testing.assert_close(colour[0, -1], colour[1, -1], atol=0.05, rtol=0)
 
 
+def test_a_dot_of_two_pixels_anywhere_reaches_its_token():
+    # The stream reads every second pixel of a large image: any 2x2 patch still holds a pixel it reads.
+    torch.manual_seed(0)
+    encoder = VisionEncoder(VisionConfig(**STAGE2, colour_stream=True)).eval()
+    torch.nn.init.normal_(encoder.colour_stream.to_tokens.weight)
+    for box in [(41, 41, 42, 42), (42, 42, 43, 43)]:  # the token grid is 8x8: both dots lie in cell (5, 5)
+        x = pixels(encoder, square("red", box), square("green", box))
+        with torch.no_grad():
+            colour = encoder.colour_stream(x)
+        assert not torch.allclose(colour[0, 5 * 8 + 5], colour[1, 5 * 8 + 5], atol=0.05, rtol=0), box
+        torch.testing.assert_close(colour[0, 0], colour[1, 0], atol=0.05, rtol=0)
+
+
 def test_a_captioner_with_the_stream_trains_and_round_trips(tmp_path):
     torch.manual_seed(0)
     config = VLMConfig(vision=VisionConfig(**STAGE2, colour_stream=True), projector=ProjectorConfig(type="mlp"),

@@ -126,3 +126,16 @@ def test_caption_errors_names_the_wrong_attribute_per_group():
     assert counts["held"] == 2 and counts["seen"] == 2 and counts["unparsed"] == 1
     assert counts["held:kind"] == 1 and counts["held:colour"] == 0 and counts["held:size"] == 0
     assert counts["seen:missing"] == 1 and counts["seen:kind"] == 0 and counts["seen:colour"] == 0
+
+
+def test_the_vqa_recipe_starts_from_the_captioner_recipe_s_model(tmp_path, capsys):
+    """The two-stage path of configs/shapes_vqa.yaml: its model must fit the captioner recipe's weights."""
+    captioner = ROOT / "configs" / "shapes_captioner.yaml"
+    first = train(str(captioner), shrink(captioner, tmp_path))
+    vqa = ROOT / "configs" / "shapes_vqa.yaml"
+    result = train(str(vqa), shrink(vqa, tmp_path) + [f"model.init_from={first['model_dir']}", "model.max_length=80"])
+    captured = capsys.readouterr()
+    announced = captured.out + captured.err
+    assert "CaptioningTask a new run" in announced
+    assert f"VQATask started from {first['model_dir']}" in announced
+    assert (Path(result["model_dir"]) / "model.safetensors").is_file()

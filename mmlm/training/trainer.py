@@ -309,7 +309,11 @@ class Trainer:
             return
         acc = self.accelerator
         trainable = sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)
-        where = f"resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "from scratch"
+        init_from = getattr(self.config.model, "init_from", None)  # a VLM's saved starting weights
+        if self.resumed_from:
+            where = f"resumed from {self.resumed_from} at step {self.step}"
+        else:
+            where = f"started from {init_from}" if init_from else "a new run"
         self._bar.write(
             f"mmlm: {type(self.task).__name__} {where} on {acc.num_processes} x {acc.device.type} "
             f"({acc.mixed_precision}), {trainable:,} trainable parameters, global batch {self.global_batch_size}, "

@@ -223,8 +223,9 @@ class ShapesConfig:
     min_shapes: int = 1
     max_shapes: int = 3
     language: str = "en"  # "en" or "zh"
-    # The canonical caption's words (English): "a large green circle on the left" (colour_kind), "a large circle in
-    # green on the left" (kind_colour), "on the left a large circle in green" (position_kind_colour)
+    # The canonical caption's words: "a large green circle on the left" (colour_kind), "a large circle in
+    # green on the left" (kind_colour), "on the left a large circle in green" (position_kind_colour); Chinese
+    # "左边一个绿色的大圆形" (colour_kind) or "左边一个大圆形是绿色的" (kind_colour)
     word_order: str = "colour_kind"
     seed: int = 0
 

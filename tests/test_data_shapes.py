@@ -192,7 +192,24 @@ def test_kind_first_word_orders_change_only_the_canonical_caption_and_parse_back
     with pytest.raises(ValueError, match="word_order"):
         generate_shapes(1, config=ShapesConfig(word_order="kind_first"))
     with pytest.raises(ValueError, match="English only"):
-        generate_shapes(1, config=ShapesConfig(word_order="kind_colour", language="zh"))
+        generate_shapes(1, config=ShapesConfig(word_order="position_kind_colour", language="zh"))
+
+
+def test_chinese_kind_first_captions_name_the_kind_before_the_colour_and_parse_back():
+    base = generate_shapes(20, split="compositional", config=ShapesConfig(language="zh"))
+    kind_first = generate_shapes(20, split="compositional", config=ShapesConfig(language="zh", word_order="kind_colour"))
+    zh = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "star": "星形", "red": "红色", "green": "绿色",
+          "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "orange": "橙色", "large": "大", "small": "小"}
+    for a, b in zip(base, kind_first):
+        assert _digests(a)[0] == _digests(b)[0] and a.captions[1:] == b.captions[1:]
+        assert captions_match(b.captions[0], b.attributes, "zh") and captions_match(a.captions[0], a.attributes, "zh")
+        shape = b.attributes["shapes"][0]
+        assert f"一个{zh[shape['size']]}{zh[shape['kind']]}是{zh[shape['colour']]}的" in b.captions[0].split("，")[0]
+        assert b.captions[0].count("，") == len(b.attributes["shapes"]) - 1
+    first = kind_first[0].attributes["shapes"][0]
+    other = "红色" if first["colour"] != "red" else "蓝色"
+    wrong = kind_first[0].captions[0].replace(f"是{zh[first['colour']]}的", f"是{other}的", 1)
+    assert wrong != kind_first[0].captions[0] and not captions_match(wrong, kind_first[0].attributes, "zh")
 
 
 def test_bad_arguments_raise_clear_errors():

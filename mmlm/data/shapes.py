@@ -57,8 +57,9 @@ def _check_config(cfg: ShapesConfig) -> None:
         raise ConfigError(f"shapes.language: expected 'en' or 'zh', got {cfg.language!r}")
     if cfg.word_order not in WORD_ORDERS:
         raise ConfigError(f"shapes.word_order: expected one of {WORD_ORDERS}, got {cfg.word_order!r}")
-    if cfg.word_order != "colour_kind" and cfg.language != "en":
-        raise ConfigError(f"shapes.word_order: {cfg.word_order!r} is English only (language is {cfg.language!r})")
+    if cfg.word_order == "position_kind_colour" and cfg.language != "en":
+        raise ConfigError(f"shapes.word_order: {cfg.word_order!r} is English only (language is {cfg.language!r}: "
+                          "its captions name the position first in every word order)")
 
 
 def _pick_pair(rng: np.random.Generator, held_out: bool) -> tuple[str, str]:

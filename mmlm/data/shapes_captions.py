@@ -52,7 +52,9 @@ def colour_kind_words(colour: str, kind: str, word_order: str = "colour_kind") -
 
 def _phrase(shape: dict, language: str, word_order: str = "colour_kind") -> str:
     if language == "zh":
-        return f"一个{_ZH['colour'][shape['colour']]}的{_ZH['size'][shape['size']]}{_ZH['kind'][shape['kind']]}"
+        colour, size, kind = (_ZH[field][shape[field]] for field in ("colour", "size", "kind"))
+        # kind_colour: "一个大圆形是绿色的" (a large circle that is green), the kind before the colour
+        return f"一个{size}{kind}是{colour}的" if word_order == "kind_colour" else f"一个{colour}的{size}{kind}"
     return f"a {shape['size']} {colour_kind_words(shape['colour'], shape['kind'], word_order)}"
 
 
@@ -66,11 +68,12 @@ WORD_ORDERS = ("colour_kind", "kind_colour", "position_kind_colour")
 def canonical_caption(shapes: list[dict], language: str = "en", word_order: str = "colour_kind") -> str:
     """The one canonical caption: shapes in the given order, each with its position. English ``word_order``:
     ``colour_kind`` "a large green circle on the left", ``kind_colour`` "a large circle in green on the left",
-    ``position_kind_colour`` "on the left a large circle in green"."""
+    ``position_kind_colour`` "on the left a large circle in green". Chinese names the position first and
+    says ``colour_kind`` "左边一个绿色的大圆形" or ``kind_colour`` "左边一个大圆形是绿色的"."""
     if word_order not in WORD_ORDERS:
         raise ValueError(f"word_order: expected one of {WORD_ORDERS}, got {word_order!r}")
     if language == "zh":
-        return "，".join(_position(s, "zh") + _phrase(s, "zh") for s in shapes)
+        return "，".join(_position(s, "zh") + _phrase(s, "zh", word_order) for s in shapes)
     if word_order == "position_kind_colour":
         return _join_en([f"{_position(s, 'en')} {_phrase(s, 'en', word_order)}" for s in shapes])
     return _join_en([f"{_phrase(s, 'en', word_order)} {_position(s, 'en')}" for s in shapes])
@@ -128,6 +131,8 @@ _EN_FILLER = re.compile(
     r"(?P<count>one|two|three|four|five) shapes?\s*:?)\b|[,;:.]")
 _ZH_SHAPE = re.compile(r"(?:一个)?(?P<colour>{})的(?P<size>{})(?P<kind>{})".format(
     "|".join(_ZH["colour"].values()), "|".join(_ZH["size"].values()), "|".join(_ZH["kind"].values())))
+_ZH_SHAPE_KIND_FIRST = re.compile(r"(?:一个)?(?P<size>{})(?P<kind>{})是(?P<colour>{})的".format(
+    "|".join(_ZH["size"].values()), "|".join(_ZH["kind"].values()), "|".join(_ZH["colour"].values())))
 _ZH_RELATION = re.compile(r"的(?P<rel>左边|右边|上面|下面)")
 _ZH_POSITION = re.compile(r"(?P<pos>左边|右边|上面|下面|中间)")
 _ZH_FILLER = re.compile(r"(?P<count>[一两二三四五])个图形[：:]?|图中|画面里|在|和|[，,、。；;：:]")
@@ -142,7 +147,8 @@ def _tokens(text: str, language: str) -> list[tuple[str, dict]] | None:
     """Split a caption into shape / position / relation / count tokens; None if anything is left over."""
     if language == "zh":
         text = re.sub(r"\s+", "", text)
-        patterns = (("S", _ZH_SHAPE), ("R", _ZH_RELATION), ("P", _ZH_POSITION), ("F", _ZH_FILLER))
+        patterns = (("S", _ZH_SHAPE), ("S", _ZH_SHAPE_KIND_FIRST), ("R", _ZH_RELATION), ("P", _ZH_POSITION),
+                    ("F", _ZH_FILLER))
     else:
         text = re.sub(r"\s+", " ", text.lower().replace("centre", "center")).strip()
         patterns = (("S", _EN_SHAPE), ("S", _EN_SHAPE_KIND_FIRST), ("P", _EN_POSITION), ("R", _EN_RELATION),

@@ -126,8 +126,9 @@ def print_table(rows: list[dict], targets: list[float]) -> None:
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'NAME=key=value key=value' -> (NAME, overrides); argparse names the flag in its error."""
     if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=\"key=value key=value\"")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=\"key=value key=value\"")
     name, overrides = text.split("=", 1)
     return name, shlex.split(overrides)
 

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from accelerate.utils import set_seed
 
+from captioner_recipe_search import parse_variant  # NAME="key=value ...", as its --variant reads it
 from mmlm.api import get_task
 from mmlm.config import load_config
 from mmlm.training.optim import build_optimizer
@@ -101,23 +102,17 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--top", type=int, default=15, help="ops shown in the profile table")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's)")
-    p.add_argument("--also", action="append", default=[], metavar='NAME="key=value ..."',
+    p.add_argument("--also", action="append", type=parse_variant, default=[], metavar='NAME="key=value ..."',
                    help="an extra eager variant with these config overrides, timed in the same rounds (repeatable)")
     p.add_argument("--quick", action="store_true", help="tiny counts: checks the script runs")
     args = p.parse_args()
-    extra = {}
-    for spec in args.also:
-        name, sep, overrides = spec.partition("=")
-        if not sep or not name or not overrides:
-            p.error(f'--also {spec!r}: expected NAME="key=value ..."')
-        extra[name] = overrides.split()
     if args.quick:
         args.steps, args.rounds, args.profile_steps, args.top = 2, 1, 1, 5
         args.variants = [v for v in args.variants if v != "compile"]
     for recipe in args.recipes:
         print(f"\n=== {recipe}: profile of {args.profile_steps} training steps (ops by self CPU time)")
         steps = {variant: build_step(recipe, variant, args.threads) for variant in args.variants}
-        steps.update({name: build_step(recipe, "eager", args.threads, overrides) for name, overrides in extra.items()})
+        steps.update({name: build_step(recipe, "eager", args.threads, overrides) for name, overrides in args.also})
         profile(steps["eager"] if "eager" in steps else next(iter(steps.values())), args.profile_steps, args.top)
         for step in steps.values():  # warm-up: first-call costs (compilation too) stay out of the timing
             step(), step()

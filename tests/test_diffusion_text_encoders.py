@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from mmlm.config import ConfigError
 from mmlm.models.diffusion import DenoiserConfig, TextToImage, TextToImageConfig
 from mmlm.models.diffusion.text_encoder import SCRATCH_TOKENIZER, TextEncoder, TextEncoderConfig
 from mmlm.models.tokenizer import train_bpe_tokenizer
@@ -131,6 +132,27 @@ def test_language_model_from_a_local_folder_by_config(tmp_path):
                                                         hidden_layer=-2))
     hidden, mask = encoder(["red", "blue"])
     assert hidden.shape == (2, 6, 16) and not hidden.requires_grad and encoder.frozen
+
+
+def test_hidden_layer_0_reads_the_lm_input_embeddings(tmp_path):
+    tokenizer = train_bpe_tokenizer(CORPUS, 300, **SCRATCH_TOKENIZER)
+    lm = tiny_llama(tokenizer)
+    encoder = TextEncoder.from_language_model(lm, tokenizer, TextEncoderConfig(kind="lm", max_length=6,
+                                                                              hidden_layer=0))
+    hidden, mask = encoder(["a red circle"])
+    ids, _ = encoder.tokenize(["a red circle"])
+    torch.testing.assert_close(hidden, lm.get_input_embeddings()(ids), rtol=0, atol=0)
+    last, _ = TextEncoder.from_language_model(lm, tokenizer, TextEncoderConfig(kind="lm", max_length=6))(
+        ["a red circle"])
+    assert not torch.allclose(hidden, last)  # -1 is the last layer's output, not the embeddings
+
+
+@pytest.mark.parametrize("layer", [2, -3])
+def test_a_hidden_layer_the_lm_does_not_have_is_a_clear_error(layer):
+    tokenizer = train_bpe_tokenizer(CORPUS, 300, **SCRATCH_TOKENIZER)
+    with pytest.raises(ConfigError, match=rf"text_encoder.hidden_layer: the LM has 1 layer,.*got {layer}"):
+        TextEncoder.from_language_model(tiny_llama(tokenizer), tokenizer,
+                                        TextEncoderConfig(kind="lm", hidden_layer=layer))
 
 
 def test_lm_kind_without_a_model_or_path_is_a_clear_error():

@@ -30,7 +30,7 @@ class TextEncoderConfig:
     name_or_path: str | None = None  # Hub id or folder for "pretrained" / "lm"
     freeze: bool | None = None  # None: train "scratch", freeze "pretrained" and "lm"
     max_length: int = 16  # tokens per caption, padded/truncated
-    hidden_layer: int = -1  # which hidden state of an "lm" to use (-1: last)
+    hidden_layer: int = -1  # which hidden state of an "lm" to use (-1: last, 0: its input embeddings)
     trust_remote_code: bool = False  # run a checkpoint's own Python code (only for checkpoints you trust)
     # "scratch" only:
     vocab_size: int = 512  # BPE vocabulary trained on the corpus (the 256 bytes always included)

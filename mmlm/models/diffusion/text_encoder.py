@@ -100,6 +100,8 @@ class TextEncoder(nn.Module):
         self.config = config
         self.lowercase = lowercase
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if config.kind == "lm":
+            self._check_hidden_layer()
         if config.frozen and freeze_weights:
             self.model.requires_grad_(False)
         # Whatever replaces the weights through load_state_dict (resume, EMA swap) invalidates the cache.
@@ -193,6 +195,16 @@ class TextEncoder(nn.Module):
             if getattr(cfg, name, None):
                 return int(getattr(cfg, name))
         raise ValueError(f"cannot tell the hidden size of {type(self.model).__name__}")
+
+    def _check_hidden_layer(self) -> None:
+        """``hidden_layer`` indexes the LM's hidden states: embeddings (0) and one per layer; else a clear error."""
+        cfg = self.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        layers = getattr(cfg, "num_hidden_layers", None)
+        if layers is not None and not -(layers + 1) <= self.config.hidden_layer <= layers:
+            raise ConfigError(f"text_encoder.hidden_layer: the LM has {layers} layer{'s' * (layers != 1)}, so {layers + 1} hidden states "
+                              f"(0: its input embeddings, -1 or {layers}: its last layer); got "
+                              f"{self.config.hidden_layer}")
 
     @property
     def frozen(self) -> bool:

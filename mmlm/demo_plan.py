@@ -15,9 +15,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-# A generator step costs about 1.15 captioner steps (2.2 vs 1.9 steps/s on a slow 2-core machine, 9 vs 8 on
-# a fast one): the ETA of a stage that has not started yet comes from the stage before it.
-RELATIVE_STEP_COST = {"captioner": 1.0, "generator": 1.15, "vqa": 1.0}  # vqa: 4.75 steps/s where the captioner ran ~4.5
+# A generator step costs about 0.95 captioner steps (a demo run alone: 5.28 captioner and 5.58 generator steps/s;
+# the captioner's colour stream and image-word loss made its steps dearer): the ETA of a stage that has not started
+# yet comes from the stage before it.
+RELATIVE_STEP_COST = {"captioner": 1.0, "generator": 0.95, "vqa": 1.0}  # vqa: 4.75 steps/s where the captioner ran ~4.5
 EVAL_SHARE = 0.15  # evaluation (and saving) allowed on top of each stage's training time
 REPORT_SHARE = 0.05  # zero-shot classification, report pictures: a share of the whole run
 

@@ -11,8 +11,9 @@ Timings on a shared CPU are contended: compare variants by steps; minutes = step
     python benchmarks/diffusion_recipe_search.py --variants recipe pixel16 --steps 900 --every 150
     python benchmarks/diffusion_recipe_search.py --quick      # smoke test: tiny data, a few steps
 
-Measured (one seed, 96 val captions, val fidelity = colour AND kind right; two variants at a time on 2 cores,
-1 thread each, about 1.5 steps/s each including the evaluations):
+Every run since rectified flow and the captioner's LM: benchmarks/results/shapes_diffusion.md. The first
+measurements, of the v-prediction recipe before (one seed, 96 val captions, val fidelity = colour AND kind right;
+two variants at a time on 2 cores, 1 thread each, about 1.5 steps/s each including the evaluations):
 
     variant     step 150   300   450   600   750   900    colour/kind at 900
     recipe           5%    1%    5%   11%   22%   39%    88% / 45%
@@ -42,7 +43,7 @@ from mmlm.api import train
 
 RECIPE = "configs/shapes_diffusion.yaml"
 VARIANTS: dict[str, list[str]] = {
-    "recipe": [],  # patch 2 at 32x32, pooled text + cross-attention, v + min-SNR 5, lr 2e-3, batch 32
+    "recipe": [],  # patch 2 at 32x32, pooled text + cross-attention, rectified flow, lr 3e-3, batch 32
     "no_pooled": ["model.denoiser.pooled_text=false"],  # cross-attention at 8x8 is the only text path
     "pixel16": ["model.space=pixel", "model.image_size=16", "data.shapes.image_size=16",
                 "model.denoiser.pooled_text=false"],  # the earlier prototype, images at 16x16

@@ -202,9 +202,9 @@ class TextEncoder(nn.Module):
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         layers = getattr(cfg, "num_hidden_layers", None)
         if layers is not None and not -(layers + 1) <= self.config.hidden_layer <= layers:
-            raise ConfigError(f"text_encoder.hidden_layer: the LM has {layers} layer{'s' * (layers != 1)}, so {layers + 1} hidden states "
-                              f"(0: its input embeddings, -1 or {layers}: its last layer); got "
-                              f"{self.config.hidden_layer}")
+            raise ConfigError(f"text_encoder.hidden_layer: the LM has {layers} layer{'s' * (layers != 1)}, so "
+                              f"{layers + 1} hidden states (0: its input embeddings, -1 or {layers}: its last "
+                              f"layer); got {self.config.hidden_layer}")
 
     @property
     def frozen(self) -> bool:

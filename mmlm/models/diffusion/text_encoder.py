@@ -187,10 +187,14 @@ class TextEncoder(nn.Module):
         return type(self.model).__name__
 
     # ---------------------------------------------------------------- encoding
+    def _text_config(self):
+        """The model's config, or its text part for multimodal configs."""
+        cfg = self.model.config
+        return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
     @property
     def hidden_size(self) -> int:
-        cfg = self.model.config
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        cfg = self._text_config()
         for name in ("hidden_size", "d_model", "n_embd"):
             if getattr(cfg, name, None):
                 return int(getattr(cfg, name))
@@ -198,9 +202,7 @@ class TextEncoder(nn.Module):
 
     def _check_hidden_layer(self) -> None:
         """``hidden_layer`` indexes the LM's hidden states: embeddings (0) and one per layer; else a clear error."""
-        cfg = self.model.config
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        layers = getattr(cfg, "num_hidden_layers", None)
+        layers = getattr(self._text_config(), "num_hidden_layers", None)
         if layers is not None and not -(layers + 1) <= self.config.hidden_layer <= layers:
             raise ConfigError(f"text_encoder.hidden_layer: the LM has {layers} layer{'s' * (layers != 1)}, so "
                               f"{layers + 1} hidden states (0: its input embeddings, -1 or {layers}: its last "

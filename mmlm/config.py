@@ -318,6 +318,7 @@ class TrainConfig:
     report_to: list[str] = dataclasses.field(default_factory=list)  # tensorboard / wandb / mlflow (train.trackers)
     seed: int = 0
     compile: bool = False
+    fused_adamw: bool = True  # torch's fused AdamW kernel where the parameters allow it (CPU, CUDA)
     num_threads: int | None = None  # torch.set_num_threads on CPU
     ddp: DDPConfig = dataclasses.field(default_factory=DDPConfig)
     fsdp: FSDPConfig = dataclasses.field(default_factory=FSDPConfig)

@@ -113,6 +113,13 @@ def test_diffusion_trains_vae_then_denoiser_and_reports_fidelity(tmp_path):
     assert generator.latent_scale > 0  # the VAE pre-stage ran and set its scale from the data
     images = generator.generate(["a small red circle on the left"], num_inference_steps=2, seed=0)
     assert images[0].size == (16, 16)
+    # an evaluation's guidance override reaches the sampler (the saved model's own scale is the default)
+    drawn = {}
+    for scale in (2.0, 6.0):
+        evaluate(run, split="test", overrides=[f"model.guidance_scale={scale}", 'eval.samplers=["ddim:2"]'],
+                 out_dir=tmp_path / f"eval_cfg{scale}")
+        drawn[scale] = (tmp_path / f"eval_cfg{scale}" / "test_generated.png").read_bytes()
+    assert drawn[2.0] != drawn[6.0]
 
 
 def test_datasets_are_built_once_per_run_and_once_per_evaluation(tmp_path, monkeypatch):

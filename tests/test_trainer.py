@@ -159,6 +159,22 @@ def test_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(weights(accumulated)[name], value, rtol=1e-5, atol=1e-6)
 
 
+def test_adamw_is_fused_by_default_and_steps_as_the_per_tensor_loop_does(tmp_path):
+    fused_cfg = make_config(tmp_path / "fused", max_steps=4, weight_decay=0.1)
+    fused = Trainer(fused_cfg, ToyTask(fused_cfg))
+    assert fused.optimizer.defaults["fused"] is True
+    fused.fit()
+    reset_accelerate_state()
+    loop_cfg = make_config(tmp_path / "loop", max_steps=4, weight_decay=0.1, fused_adamw=False)
+    loop = Trainer(loop_cfg, ToyTask(loop_cfg))
+    assert not loop.optimizer.defaults["fused"]
+    initial = weights(loop)
+    loop.fit()
+    assert any(not torch.equal(value, initial[name]) for name, value in weights(loop).items())
+    for name, value in weights(loop).items():
+        torch.testing.assert_close(weights(fused)[name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_module_lr_freezes_parts_and_skips_decay_on_norms_and_biases(tmp_path):
     config = make_config(tmp_path, module_lr={"body": 0.0, "head": 5e-3})
     trainer = Trainer(config, ToyTask(config))

@@ -109,7 +109,8 @@ class DiffusionTask(ImageTextTask):
         for spec in cfg.eval.samplers:
             name, _, steps = spec.partition(":")
             started = time.perf_counter()
-            images = model.generate(prompts, num_inference_steps=int(steps or 20), scheduler=name, seed=cfg.train.seed)
+            images = model.generate(prompts, num_inference_steps=int(steps or 20), scheduler=name, seed=cfg.train.seed,
+                                    guidance_scale=cfg.model.guidance_scale)  # the run's, overrides included
             generated[spec] = images
             metrics[f"seconds_per_image/{spec}"] = (time.perf_counter() - started) / len(images)
         main = generated[cfg.eval.samplers[0]]

@@ -5,14 +5,15 @@ does, then
 
 1. profiles a few steps with ``torch.profiler`` (forward + backward + clipping + AdamW) and prints the ops that
    take the most self time, so a reader sees what a step is made of;
-2. times steps/s for the variants ``eager`` (the recipe as the Trainer runs it), ``fused`` (AdamW's fused kernel),
+2. times steps/s for the variants ``eager`` (the recipe as the Trainer runs it: AdamW fused where it can be),
+   ``loop_adamw`` (AdamW's per-tensor loop, torch's CPU default, ``train.fused_adamw: false``),
    ``channels_last`` (the image side in NHWC memory format) and ``compile`` (``torch.compile`` of the model),
    in alternating rounds, best round counted, with the ratio to ``eager`` measured in the same run.
 
 Run it alone (timings collapse when another process shares the cores):
 
     python benchmarks/step_profile.py                                    # both demo recipes
-    python benchmarks/step_profile.py --recipes configs/shapes_captioner.yaml --variants eager fused
+    python benchmarks/step_profile.py --recipes configs/shapes_captioner.yaml --variants eager loop_adamw
     python benchmarks/step_profile.py --quick                            # smoke run, tiny counts
     python benchmarks/step_profile.py --recipes configs/shapes_captioner.yaml --variants eager \
         --also "stream=model.vision.colour_stream=true"                  # an option's cost per step, same rounds
@@ -33,7 +34,7 @@ from mmlm.config import load_config
 from mmlm.training.optim import build_optimizer
 
 RECIPES = ["configs/shapes_captioner.yaml", "configs/shapes_diffusion.yaml"]
-VARIANTS = ["eager", "fused", "channels_last", "compile"]
+VARIANTS = ["eager", "loop_adamw", "channels_last", "compile"]
 SMALL_DATA = ["data.shapes.n_train=512", "data.shapes.n_val=8", "data.shapes.n_test=8",
               "data.shapes.n_compositional=8"]
 
@@ -54,7 +55,8 @@ def build_step(recipe: str, variant: str, threads: int | None,
                                        freeze=lambda name, part: task.freeze_part(model, name, part))
     keep = ("params", "lr", "betas", "weight_decay", "eps")  # the implementation flags come from the variant
     groups = [{k: v for k, v in group.items() if k in keep} for group in recipe_optimizer.param_groups]
-    optimizer = torch.optim.AdamW(groups, fused=variant == "fused")
+    fused = recipe_optimizer.defaults["fused"] and variant != "loop_adamw"
+    optimizer = torch.optim.AdamW(groups, fused=fused or None)
     if variant == "channels_last":
         model.to(memory_format=torch.channels_last)
         if batch.get("pixel_values") is not None:

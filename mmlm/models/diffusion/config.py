@@ -61,6 +61,31 @@ class TextEncoderConfig:
 
 
 @dataclasses.dataclass
+class AlignConfig:
+    """Representation alignment (REPA): one of the denoiser's hidden maps, through a small MLP, is pulled
+    towards a frozen image encoder's tokens of the clean training image (``alignment.py``).
+
+    ``encoder``: an mmlm VLM folder (or its run folder), whose vision tower is used (the demo's captioner);
+    or ``vision``: a timm tower as ``model.vision`` takes it (e.g. a pretrained DINOv2 ViT with
+    ``feature_layer``). Exactly one of the two.
+    """
+
+    encoder: str | None = None
+    vision: dict | None = None  # a mmlm.models.vision.VisionConfig as a dict; frozen whatever it says
+    layer: str = "mid_block"  # the denoiser submodule whose output is aligned (diffusers names)
+    weight: float = 0.5  # loss = diffusion loss + weight x (1 - cosine similarity), REPA's lambda
+    projector_dim: int = 256  # hidden width of the 3-layer MLP (SiLU), dropped after training
+
+    def __post_init__(self):
+        if (self.encoder is None) == (self.vision is None):
+            raise ConfigError("model.align: set encoder (a VLM folder) or vision (a timm tower), exactly one")
+        if not self.weight > 0:
+            raise ConfigError(f"model.align.weight: expected > 0, got {self.weight}")
+        if self.projector_dim < 1:
+            raise ConfigError(f"model.align.projector_dim: expected >= 1, got {self.projector_dim}")
+
+
+@dataclasses.dataclass
 class AutoencoderConfig:
     """A pretrained VAE (``name_or_path``) or the size and training budget of a tiny one."""
 
@@ -246,6 +271,7 @@ class TextToImageConfig:
     random_flip: bool = False  # train-time horizontal flip (off: captions may say left/right)
     crop: str = "squash"  # squash (resize both sides) | center | random (resize the short side, then crop)
     lora: LoraConfig | None = None  # LoRA fine-tuning instead of full
+    align: AlignConfig | None = None  # representation alignment while training (REPA); None: off
 
     def __post_init__(self):
         if self.pipeline is None:

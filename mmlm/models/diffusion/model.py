@@ -6,9 +6,10 @@ cost of a network running at 1/patch_size the resolution, as in Simple Diffusion
 (through a diffusers ``AutoencoderKL``). The denoiser is a ``UNet2DConditionModel`` (cross-attention on
 the text tokens, optionally also the pooled text added to the timestep embedding, which conditions every
 ResNet block) or a ``PixArtTransformer2DModel`` (DiT with cross-attention on text); epsilon or
-v-prediction with optional min-SNR weighting (or rectified flow, ``flow.py``) and caption dropout for CFG. Sampling
+v-prediction with optional min-SNR weighting (or rectified flow, ``flow.py``) and caption dropout for CFG, plus,
+while training, representation alignment to a frozen image encoder (``config.align``, ``alignment.py``). Sampling
 (schedulers, CFG, ``generate``) lives in ``sampling.py``; loading a pretrained pipeline in ``pretrained.py``.
-Longer than 400 lines by a few: the three spaces' encode/decode sit beside the loss that uses them.
+Longer than 400 lines: the three spaces' encode/decode and the alignment term sit beside the loss that uses them.
 
 Latent space with a VAE trained here is a two-stage recipe: call ``fit_autoencoder(images)`` once
 before diffusion training (``needs_autoencoder_fit`` says whether it is still due; the budget comes
@@ -37,7 +38,7 @@ from PIL import Image
 from torch import nn
 
 from mmlm.config import ConfigError, from_dict, to_dict
-from mmlm.models.diffusion import draws, flow, pretrained, sampling
+from mmlm.models.diffusion import alignment, draws, flow, pretrained, sampling
 from mmlm.models.diffusion.autoencoder import build_autoencoder, train_autoencoder
 from mmlm.models.diffusion.config import DenoiserConfig, TextToImageConfig
 from mmlm.models.diffusion.text_encoder import TextEncoder, check_prompts
@@ -116,6 +117,7 @@ class TextToImage(nn.Module):
         # In the state dict, so a data-computed scale survives resume and weight swaps. 0 = not fitted yet.
         self.register_buffer("latent_scale", torch.tensor(float(latent_scale)))
         self.latent_shift = float(latent_shift)  # a pretrained VAE's shift_factor (SD3/Flux style); 0 otherwise
+        self.alignment: alignment.RepresentationAlignment | None = None  # config.align, set by from_config
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -128,7 +130,7 @@ class TextToImage(nn.Module):
         """Build from a config; ``corpus`` trains the scratch tokenizer; ``text_encoder`` overrides the config's
         (e.g. ``TextEncoder.from_language_model(vlm.language, vlm.tokenizer)``)."""
         if config.pipeline is not None:
-            return cls.from_pipeline(config)
+            return cls.from_pipeline(config).with_alignment()
         text_encoder = text_encoder or TextEncoder.from_config(config.text_encoder, corpus)
         vae, latent_scale, size, channels = None, 0.0, config.image_size, 3
         if config.space == "latent":
@@ -142,7 +144,13 @@ class TextToImage(nn.Module):
             size, channels = config.image_size // config.patch_size, 3 * config.patch_size**2
         denoiser = build_denoiser(config.denoiser, size, channels, text_encoder.hidden_size)
         noise_scheduler = sampling.build_noise_scheduler(config)
-        return cls(config, text_encoder, denoiser, noise_scheduler, vae, latent_scale)
+        return cls(config, text_encoder, denoiser, noise_scheduler, vae, latent_scale).with_alignment()
+
+    def with_alignment(self) -> TextToImage:
+        """Attach ``config.align``'s training aid (encoder, hook, MLP) when it is set; returns self."""
+        if self.config.align is not None and self.alignment is None:
+            self.alignment = alignment.build_for(self)
+        return self
 
     @classmethod
     def from_pipeline(cls, config: TextToImageConfig) -> TextToImage:
@@ -245,6 +253,8 @@ class TextToImage(nn.Module):
         groups: dict[str, nn.Module] = {"denoiser": self.denoiser}
         if not self.text_encoder.frozen:
             groups["text_encoder"] = self.text_encoder.model
+        if self.alignment is not None:
+            groups["align"] = self.alignment.projector
         return groups
 
     def enable_gradient_checkpointing(self) -> None:
@@ -355,6 +365,15 @@ class TextToImage(nn.Module):
             raise ValueError(
                 f"training_loss: pixel values must be in [-1, 1] (model.image_transform()), got [{low:.3g}, {high:.3g}]"
             )
+        if self.alignment is None:
+            return self._denoising_loss(pixel_values, captions, generator)
+        targets = self.alignment.targets(pixel_values)
+        with self.alignment.capture():
+            loss = self._denoising_loss(pixel_values, captions, generator)
+        return loss + self.config.align.weight * self.alignment.loss(targets)
+
+    def _denoising_loss(self, pixel_values: torch.Tensor, captions: list[str],
+                        generator: Sequence[torch.Generator] | None) -> torch.Tensor:
         x0 = self.encode_images(pixel_values, generator)
         if self.training and self.config.caption_dropout > 0:
             drop = (draws.uniform(len(captions), generator) < self.config.caption_dropout).tolist()

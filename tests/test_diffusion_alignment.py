@@ -128,3 +128,20 @@ def test_a_layer_the_denoiser_lacks_or_a_folder_without_a_vlm_is_a_clear_error(t
         aligned_model(layer="middle")
     with pytest.raises(ConfigError, match="model.align.encoder.*holds no saved VLM"):
         aligned_model(vision=None, encoder=str(tmp_path))
+
+
+def test_the_target_cache_encodes_each_image_once_and_gives_the_encoders_tokens():
+    model = aligned_model(cache_size=6)
+    seen = []
+    model.alignment.encoder.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    pixels = batch()
+    fresh = model.alignment._encode(pixels)
+    seen.clear()
+    first = model.alignment.targets(pixels)
+    again = model.alignment.targets(pixels.flip(0))  # the same images in another order: all from the cache
+    assert seen == [4]
+    assert torch.allclose(first, fresh, atol=1e-2, rtol=1e-2)  # kept in fp16
+    assert torch.equal(again, first.flip(0))
+    mixed = torch.cat([pixels[:1], batch(seed=1)[:3]])
+    assert torch.equal(model.alignment.targets(mixed)[0], first[0])  # 3 new: 7 > 6, the cache starts over
+    assert seen == [4, 4] and len(model.alignment._cache) == 4

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 
@@ -75,6 +76,7 @@ class RepresentationAlignment(nn.Module):
         self.encoder_grid = (side, side)
         self._feature: torch.Tensor | None = None
         self._capturing = False
+        self._cache: dict[bytes, torch.Tensor] = {}
         self._hook = layer.register_forward_hook(self._capture)
         with self.capture(), torch.no_grad():
             probe()
@@ -96,7 +98,22 @@ class RepresentationAlignment(nn.Module):
         return self
 
     def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The encoder's tokens [B, N, D] of clean images in [-1, 1], at the encoder's size and normalisation."""
+        """The encoder's tokens [B, N, D] of clean images in [-1, 1]; with ``cache_size``, each image's are kept
+        (fp16, on the CPU, keyed by the image's bytes) and reused when the same image comes again."""
+        if not self.config.cache_size:
+            return self._encode(pixel_values)
+        keys = [hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=16).digest()
+                for image in pixel_values]
+        missing = [i for i, key in enumerate(keys) if key not in self._cache]
+        if missing and len(self._cache) + len(missing) > self.config.cache_size:
+            self._cache.clear()
+            missing = list(range(len(keys)))
+        if missing:
+            for i, tokens in zip(missing, self._encode(pixel_values[missing])):
+                self._cache[keys[i]] = tokens.to("cpu", torch.float16)
+        return torch.stack([self._cache[key] for key in keys]).to(pixel_values.device, torch.float32)
+
+    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         cfg = self.encoder.data_config
         images = (pixel_values.float() + 1) / 2
         size = tuple(cfg["input_size"][1:])

@@ -145,3 +145,19 @@ def test_the_target_cache_encodes_each_image_once_and_gives_the_encoders_tokens(
     mixed = torch.cat([pixels[:1], batch(seed=1)[:3]])
     assert torch.equal(model.alignment.targets(mixed)[0], first[0])  # 3 new: 7 > 6, the cache starts over
     assert seen == [4, 4] and len(model.alignment._cache) == 4
+
+
+@pytest.mark.parametrize("kind, layer", [("sd", "mid_block"), ("pixart", "transformer_blocks.0")])
+def test_a_pretrained_pipelines_denoiser_aligns_too(tmp_path, kind, layer):
+    """Fine-tuning SD (a UNet map) or PixArt (a grid of transformer tokens) with REPA, as users would with a
+    pretrained timm tower in place of this random one."""
+    from diffusers_fixtures import tiny_pixart_pipeline, tiny_sd_pipeline
+
+    folder = (tiny_sd_pipeline if kind == "sd" else tiny_pixart_pipeline)(tmp_path / kind)
+    model = TextToImage.from_config(TextToImageConfig(
+        pipeline=str(folder), align=AlignConfig(vision=TOWER, layer=layer)))
+    size = model.config.image_size
+    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    loss = model.training_loss(pixels, CAPTIONS[:2])
+    loss.backward()
+    assert torch.isfinite(loss) and model.alignment.projector[0].weight.grad.abs().sum() > 0

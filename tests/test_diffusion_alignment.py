@@ -161,3 +161,26 @@ def test_a_pretrained_pipelines_denoiser_aligns_too(tmp_path, kind, layer):
     loss = model.training_loss(pixels, CAPTIONS[:2])
     loss.backward()
     assert torch.isfinite(loss) and model.alignment.projector[0].weight.grad.abs().sum() > 0
+
+
+def test_until_samples_stops_the_alignment_and_its_count_survives_a_state_dict_round_trip():
+    model = aligned_model(until_samples=8)
+    calls = []
+    model.alignment.encoder.register_forward_hook(lambda *args: calls.append(1))
+    pixels = batch()
+    plain = []
+    for _ in range(3):  # 4, 8, 12 samples: the third batch is past the 8
+        loss = model.training_loss(pixels, CAPTIONS, generators())
+        loss.backward()
+        plain.append(loss.detach())
+    assert len(calls) == 2 and int(model.alignment.samples_seen) == 12
+    assert model.alignment.projector[0].weight.grad is not None  # DDP: still a (zero) gradient on the third step
+    alignment, model.alignment = model.alignment, None
+    assert torch.allclose(plain[2], model.training_loss(pixels, CAPTIONS, generators()))  # the diffusion loss alone
+    model.alignment = alignment
+    fresh = aligned_model(until_samples=8)
+    fresh.load_state_dict(model.state_dict())
+    assert int(fresh.alignment.samples_seen) == 12
+    with torch.no_grad():  # evaluation does not count
+        fresh.training_loss(pixels, CAPTIONS, generators())
+    assert int(fresh.alignment.samples_seen) == 12

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -77,6 +78,7 @@ class RepresentationAlignment(nn.Module):
         self._feature: torch.Tensor | None = None
         self._capturing = False
         self._cache: dict[bytes, torch.Tensor] = {}
+        self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long))  # training samples, all processes
         self._hook = layer.register_forward_hook(self._capture)
         with self.capture(), torch.no_grad():
             probe()
@@ -91,6 +93,18 @@ class RepresentationAlignment(nn.Module):
     def _capture(self, module, args, output) -> None:
         if self._capturing:
             self._feature = output[0] if isinstance(output, (tuple, list)) else output
+
+    def active(self, batch_size: int) -> bool:
+        """Whether this batch is aligned (``until_samples``); a training batch (grad on) is counted first."""
+        if self.config.until_samples is None:
+            return True
+        if self.training and torch.is_grad_enabled():
+            self.samples_seen += batch_size * (dist.get_world_size() if dist.is_initialized() else 1)
+        return int(self.samples_seen) <= self.config.until_samples
+
+    def unused(self) -> torch.Tensor:
+        """A zero that touches the MLP, so DDP sees a gradient for it on the steps that are not aligned."""
+        return sum(p.sum() for p in self.projector.parameters()) * 0.0
 
     def train(self, mode: bool = True) -> RepresentationAlignment:
         super().train(mode)

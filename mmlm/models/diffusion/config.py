@@ -78,6 +78,9 @@ class AlignConfig:
     # Encoder tokens kept per training image (fp16, CPU; cleared when full): an epoch after the first costs no
     # encoder call. 0: off. Worth it for a fixed, unaugmented training set on CPU (20,000 32x32 shapes ~ 330 MB).
     cache_size: int = 0
+    # Align for the first this-many training samples (all processes together), then train on the diffusion loss
+    # alone at the recipe's step cost; the count is in the state dict, so a resumed run keeps it. None: throughout.
+    until_samples: int | None = None
 
     def __post_init__(self):
         if (self.encoder is None) == (self.vision is None):
@@ -86,6 +89,8 @@ class AlignConfig:
             raise ConfigError(f"model.align.weight: expected > 0, got {self.weight}")
         if self.projector_dim < 1:
             raise ConfigError(f"model.align.projector_dim: expected >= 1, got {self.projector_dim}")
+        if self.until_samples is not None and self.until_samples < 1:
+            raise ConfigError(f"model.align.until_samples: expected >= 1 or null, got {self.until_samples}")
         if self.cache_size < 0:
             raise ConfigError(f"model.align.cache_size: expected >= 0 (0: off), got {self.cache_size}")
 

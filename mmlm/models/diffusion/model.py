@@ -367,6 +367,8 @@ class TextToImage(nn.Module):
             )
         if self.alignment is None:
             return self._denoising_loss(pixel_values, captions, generator)
+        if not self.alignment.active(len(pixel_values)):
+            return self._denoising_loss(pixel_values, captions, generator) + self.alignment.unused()
         targets = self.alignment.targets(pixel_values)
         with self.alignment.capture():
             loss = self._denoising_loss(pixel_values, captions, generator)

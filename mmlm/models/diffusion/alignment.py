@@ -24,20 +24,19 @@ from torch import nn
 
 from mmlm.config import ConfigError, from_dict
 from mmlm.models.diffusion.config import AlignConfig
+from mmlm.models.diffusion.text_encoder import is_vlm_folder, vlm_folder
 from mmlm.models.vision import VisionConfig, VisionEncoder
 
 
 def load_encoder(config: AlignConfig) -> VisionEncoder:
     """The frozen tower ``config`` names: a VLM folder's vision tower, or a timm tower built from ``vision``."""
     if config.encoder is not None:
-        from mmlm.models.diffusion.text_encoder import _vlm_folder
         from mmlm.models.vlm import VisionLanguageModel
 
-        folder = _vlm_folder(config.encoder)
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"model.align.encoder: {config.encoder} holds no saved VLM (config.json); "
+        if not is_vlm_folder(config.encoder):
+            raise ConfigError(f"model.align.encoder: {config.encoder} holds no saved VLM (an mmlm config.json); "
                               "expected a folder written by save_pretrained or a run folder with model/")
-        encoder = VisionLanguageModel.from_pretrained(folder).vision
+        encoder = VisionLanguageModel.from_pretrained(vlm_folder(config.encoder)).vision
     else:
         vision = from_dict(VisionConfig, config.vision, where="model.align.vision")
         encoder = VisionEncoder(dataclasses.replace(vision, freeze=True))
@@ -160,7 +159,6 @@ class RepresentationAlignment(nn.Module):
             targets = targets.flatten(2).transpose(1, 2)
         projected = self.projector(tokens.float())
         return (1 - F.cosine_similarity(projected, targets.float(), dim=-1)).mean()
-
 
 
 def build_for(model) -> RepresentationAlignment:

@@ -60,14 +60,14 @@ def _pretrained_text_model_class(name_or_path: str, trust_remote_code: bool = Fa
     return by_type.get(config.model_type, transformers.AutoModel)
 
 
-def _vlm_folder(name_or_path: str) -> Path:
+def vlm_folder(name_or_path: str) -> Path:
     """A saved VLM folder, or a run folder holding one under model/."""
     path = Path(name_or_path)
     return path / "model" if (path / "model" / "config.json").is_file() else path
 
 
-def _is_vlm_folder(name_or_path: str) -> bool:
-    config_file = _vlm_folder(name_or_path) / "config.json"
+def is_vlm_folder(name_or_path: str) -> bool:
+    config_file = vlm_folder(name_or_path) / "config.json"
     if not config_file.is_file():
         return False
     try:
@@ -133,7 +133,7 @@ class TextEncoder(nn.Module):
                 "(or pass the LM and tokenizer with TextEncoder.from_language_model)"
             )
         remote = config.trust_remote_code
-        if config.kind == "lm" and _is_vlm_folder(config.name_or_path):
+        if config.kind == "lm" and is_vlm_folder(config.name_or_path):
             return cls.from_vlm_folder(config)
         tokenizer = transformers.AutoTokenizer.from_pretrained(config.name_or_path, trust_remote_code=remote)
         if config.kind == "lm":
@@ -167,7 +167,7 @@ class TextEncoder(nn.Module):
         from mmlm.models.language import base_causal_lm
         from mmlm.models.vlm import VisionLanguageModel
 
-        vlm = VisionLanguageModel.from_pretrained(_vlm_folder(config.name_or_path))
+        vlm = VisionLanguageModel.from_pretrained(vlm_folder(config.name_or_path))
         return cls(base_causal_lm(vlm.language_model), vlm.tokenizer, config)
 
     @classmethod

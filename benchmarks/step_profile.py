@@ -8,7 +8,8 @@ does, then
 2. times steps/s for the variants ``eager`` (the recipe as the Trainer runs it: AdamW fused where it can be),
    ``loop_adamw`` (AdamW's per-tensor loop, torch's CPU default, ``train.fused_adamw: false``),
    ``channels_last`` (the image side in NHWC memory format) and ``compile`` (``torch.compile`` of the model),
-   in alternating rounds, best round counted, with the ratio to ``eager`` measured in the same run.
+   in alternating rounds, best round counted, with the ratio to ``eager`` measured in the same run, and the
+   seconds of the first two steps (where ``compile`` pays its compilation).
 
 Run it alone (timings collapse when another process shares the cores):
 
@@ -116,17 +117,20 @@ def main() -> None:
         steps = {variant: build_step(recipe, variant, args.threads) for variant in args.variants}
         steps.update({name: build_step(recipe, "eager", args.threads, overrides) for name, overrides in args.also})
         profile(steps["eager"] if "eager" in steps else next(iter(steps.values())), args.profile_steps, args.top)
-        for step in steps.values():  # warm-up: first-call costs (compilation too) stay out of the timing
+        first_calls = {}
+        for variant, step in steps.items():  # warm-up: first-call costs (compilation too) stay out of the timing
+            started = time.perf_counter()
             step(), step()
+            first_calls[variant] = time.perf_counter() - started
         best = {variant: 0.0 for variant in steps}
         for _ in range(args.rounds):
             for variant, step in steps.items():
                 best[variant] = max(best[variant], steps_per_s(step, args.steps))
         reference = best.get("eager")
-        print(f"{'variant':14s} {'steps/s':>8s} {'vs eager':>9s}")
+        print(f"{'variant':14s} {'steps/s':>8s} {'vs eager':>9s} {'first 2 steps':>14s}")
         for variant, rate in best.items():
             ratio = f"{rate / reference:8.2f}x" if reference else f"{'-':>9s}"
-            print(f"{variant:14s} {rate:8.2f} {ratio}")
+            print(f"{variant:14s} {rate:8.2f} {ratio} {first_calls[variant]:13.1f}s")
 
 
 if __name__ == "__main__":

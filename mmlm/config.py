@@ -317,6 +317,8 @@ class TrainConfig:
     log_every: int = 10
     report_to: list[str] = dataclasses.field(default_factory=list)  # tensorboard / wandb / mlflow (train.trackers)
     seed: int = 0
+    # torch.compile of the training forward; on the shapes recipes (2-core CPU) 1.22-1.30x the steps/s after 61-71 s
+    # of compilation, so it pays past ~2,000-3,300 steps (benchmarks/results/shapes_diffusion.md)
     compile: bool = False
     fused_adamw: bool = True  # torch's fused AdamW kernel where the parameters allow it (CPU, CUDA)
     num_threads: int | None = None  # torch.set_num_threads on CPU

@@ -54,10 +54,13 @@ def build_step(recipe: str, variant: str, threads: int | None,
     batch = task.collate([datasets["train"][i] for i in range(cfg.data.batch_size)])
     recipe_optimizer = build_optimizer(model, task.trainable_groups(model), cfg.train,
                                        freeze=lambda name, part: task.freeze_part(model, name, part))
-    keep = ("params", "lr", "betas", "weight_decay", "eps")  # the implementation flags come from the variant
-    groups = [{k: v for k, v in group.items() if k in keep} for group in recipe_optimizer.param_groups]
-    fused = recipe_optimizer.defaults["fused"] and variant != "loop_adamw"
-    optimizer = torch.optim.AdamW(groups, fused=fused or None)
+    if isinstance(recipe_optimizer, torch.optim.AdamW):
+        keep = ("params", "lr", "betas", "weight_decay", "eps")  # the implementation flags come from the variant
+        groups = [{k: v for k, v in group.items() if k in keep} for group in recipe_optimizer.param_groups]
+        fused = recipe_optimizer.defaults["fused"] and variant != "loop_adamw"
+        optimizer = torch.optim.AdamW(groups, fused=fused or None)
+    else:  # train.optimizer=muon: timed as the Trainer builds it
+        optimizer, groups = recipe_optimizer, recipe_optimizer.param_groups
     if variant == "channels_last":
         model.to(memory_format=torch.channels_last)
         if batch.get("pixel_values") is not None:

@@ -321,6 +321,9 @@ class TrainConfig:
     # of compilation, so it pays past ~2,000-3,300 steps (benchmarks/results/shapes_diffusion.md)
     compile: bool = False
     fused_adamw: bool = True  # torch's fused AdamW kernel where the parameters allow it (CPU, CUDA)
+    # adamw | muon: Muon on the weight matrices and conv kernels, AdamW on the rest, one lr (mmlm/training/muon.py)
+    optimizer: str = "adamw"
+    muon_momentum: float = 0.95
     num_threads: int | None = None  # torch.set_num_threads on CPU
     ddp: DDPConfig = dataclasses.field(default_factory=DDPConfig)
     fsdp: FSDPConfig = dataclasses.field(default_factory=FSDPConfig)
@@ -330,6 +333,10 @@ class TrainConfig:
             raise ConfigError(f"train.grad_accum_steps: expected >= 1, got {self.grad_accum_steps}")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"train.schedule: expected 'cosine' or 'constant', got {self.schedule!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"train.optimizer: expected 'adamw' or 'muon', got {self.optimizer!r}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ConfigError(f"train.muon_momentum: expected a value in [0, 1), got {self.muon_momentum}")
 
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")

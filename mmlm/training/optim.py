@@ -1,10 +1,12 @@
-"""AdamW with per-part learning rates, and the warmup + cosine/constant schedule.
+"""AdamW (or Muon with AdamW, ``train.optimizer``) with per-part learning rates, and the warmup + cosine/constant
+schedule.
 
 Parameter groups: every named part from ``Task.trainable_groups`` gets ``train.module_lr[name]``
 (default ``train.lr``; 0 freezes the part: ``requires_grad=False`` and left out of the optimiser).
 Trainable parameters outside every named part form the group ``"other"``. Within a part, 1-D
 parameters (norms, biases), position embeddings and anything the module lists in timm's
-``no_weight_decay()`` get no weight decay.
+``no_weight_decay()`` get no weight decay. With ``train.optimizer: muon`` the other matrices and kernels of a
+part form its Muon group, except embedding tables and output heads (``get_output_embeddings()``), which stay AdamW.
 
 Schedule: ``lr = base_lr * warmup(step) * decay(progress)``. ``progress`` in [0, 1] is the
 larger of the step fraction (after warmup, when the total number of steps is known) and the
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from mmlm.config import ConfigError, TrainConfig
+from mmlm.training.muon import MuonAdamW
 
 OTHER_GROUP = "other"
 _POSITION_EMBEDDING = re.compile(r"(^|[._])(pos_embed\w*|pos_emb\w*|position_embeddings?|wpe)($|[._])")
@@ -65,6 +68,7 @@ def parameter_groups(
     param_ids_in_model = {id(p) for p in model.parameters()}
     seen: set[int] = set()
     result = []
+    not_muon = _embedding_and_head_ids(model) if train.optimizer == "muon" else set()
 
     def add(name: str, module_params: list[tuple[str, nn.Parameter]], skip_decay: set[str],
             module: nn.Module | None = None) -> None:
@@ -77,6 +81,12 @@ def parameter_groups(
             return
         decay = [p for n, p in module_params if p.requires_grad and n not in skip_decay]
         plain = [p for n, p in module_params if p.requires_grad and n in skip_decay]
+        if train.optimizer == "muon":
+            matrices = [p for p in decay if p.ndim >= 2 and id(p) not in not_muon]
+            decay = [p for p in decay if p.ndim < 2 or id(p) in not_muon]
+            if matrices:
+                result.append({"params": matrices, "lr": lr, "weight_decay": train.weight_decay, "name": name,
+                               "decay": True, "muon": True})
         if decay:
             result.append({"params": decay, "lr": lr, "weight_decay": train.weight_decay, "name": name, "decay": True})
         if plain:
@@ -103,11 +113,26 @@ def parameter_groups(
     return result
 
 
+def _embedding_and_head_ids(model: nn.Module) -> set[int]:
+    """Parameters Muon should not take: embedding tables and output heads (Jordan et al. keep them on AdamW)."""
+    ids = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            ids.add(id(module.weight))
+        head = module.get_output_embeddings() if callable(getattr(module, "get_output_embeddings", None)) else None
+        if isinstance(head, nn.Module):
+            ids.update(id(p) for p in head.parameters())
+    return ids
+
+
 def build_optimizer(model: nn.Module, groups: dict[str, nn.Module], train: TrainConfig,
-                    freeze: Callable[[str, nn.Module], None] | None = None) -> torch.optim.AdamW:
+                    freeze: Callable[[str, nn.Module], None] | None = None) -> torch.optim.Optimizer:
     """AdamW over :func:`parameter_groups`, with torch's fused kernel where every parameter allows it
-    (``train.fused_adamw``): on CPU the default is a per-tensor loop (the generator's step: 1.08x steps/s fused)."""
+    (``train.fused_adamw``): on CPU the default is a per-tensor loop (the generator's step: 1.08x steps/s fused).
+    ``train.optimizer: muon`` gives :class:`~mmlm.training.muon.MuonAdamW` over the same groups."""
     param_groups = parameter_groups(model, groups, train, freeze)
+    if train.optimizer == "muon":
+        return MuonAdamW(param_groups, lr=train.lr, betas=tuple(train.betas), momentum=train.muon_momentum)
     fused = train.fused_adamw and all(_fusable(p) for group in param_groups for p in group["params"])
     return torch.optim.AdamW(param_groups, lr=train.lr, betas=tuple(train.betas), fused=fused or None)
 

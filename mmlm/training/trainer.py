@@ -110,6 +110,9 @@ class Trainer:
                                     freeze=lambda name, part: task.freeze_part(model, name, part))
         self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
         if self.fsdp:
+            if train.optimizer == "muon":
+                raise ConfigError("train.optimizer='muon' with train.fsdp: Muon orthogonalises whole matrices and "
+                                  "FSDP shards them; use DDP, or train.optimizer='adamw'")
             if train.ema_decay is not None:
                 raise ConfigError("train.ema_decay with train.fsdp: the EMA keeps full weights per process; "
                                   "not supported with sharded parameters")

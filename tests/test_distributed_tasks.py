@@ -114,6 +114,15 @@ def test_fsdp_on_cpu_trains_like_one_process_saves_a_model_one_process_loads_and
     assert_same_weights(run, resumed, exact=True)
 
 
+def test_muon_with_fsdp_stops_with_a_config_error_before_training(data, tmp_path):
+    source = {"source": data["train_jsonl"], "val_source": data["val_jsonl"]}
+    train = {"max_steps": 2, "optimizer": "muon", "fsdp": {"enabled": True}}
+    done = launch(config("captioning", tmp_path / "muon", source, train), 2, check=False)
+    assert done.returncode != 0
+    assert "train.optimizer='muon' with train.fsdp" in done.stdout + done.stderr
+    assert not (tmp_path / "muon" / "checkpoints").exists()
+
+
 @pytest.fixture(scope="module")
 def shard_runs(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")

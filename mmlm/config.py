@@ -322,8 +322,8 @@ class TrainConfig:
     compile: bool = False
     fused_adamw: bool = True  # torch's fused AdamW kernel where the parameters allow it (CPU, CUDA)
     # adamw | muon: Muon on the weight matrices and conv kernels, AdamW on the rest, one lr (mmlm/training/muon.py).
-    # On the shapes generator (lr 6e-3) the 90% bar in 40k samples on two seeds (AdamW: 48-64k) at 0.81x the
-    # steps/s on CPU, 0.77x the training time; not yet in the demo (benchmarks/results/shapes_diffusion.md)
+    # The shapes generator's (lr 6e-3): the 90% bar in 40k samples on two seeds (AdamW: 48-64k) at 0.71-0.81x the
+    # steps/s on CPU (benchmarks/results/shapes_diffusion.md)
     optimizer: str = "adamw"
     muon_momentum: float = 0.95
     num_threads: int | None = None  # torch.set_num_threads on CPU

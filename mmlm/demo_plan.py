@@ -15,9 +15,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-# A generator step (batch 16) costs about 0.53 captioner steps (batch 32; a demo run alone with fused AdamW: 5.28
-# captioner and 9.92 generator steps/s): the ETA of a stage that has not started yet comes from the stage before it.
-RELATIVE_STEP_COST = {"captioner": 1.0, "generator": 0.53, "vqa": 1.0}  # vqa: 4.75 steps/s where the captioner ran ~4.5
+# A generator step (batch 16, Muon) costs about 0.77 captioner steps (batch 32; a demo run alone: 5.38 captioner and
+# 7.01 generator steps/s): the ETA of a stage that has not started yet comes from the stage before it.
+RELATIVE_STEP_COST = {"captioner": 1.0, "generator": 0.77, "vqa": 1.0}  # vqa: 4.75 steps/s where the captioner ran ~4.5
 EVAL_SHARE = 0.15  # evaluation (and saving) allowed on top of each stage's training time
 REPORT_SHARE = 0.05  # zero-shot classification, report pictures: a share of the whole run
 

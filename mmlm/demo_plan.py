@@ -15,9 +15,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-# A generator step (batch 16, Muon) costs about 0.77 captioner steps (batch 32; a demo run alone: 5.38 captioner and
-# 7.01 generator steps/s): the ETA of a stage that has not started yet comes from the stage before it.
-RELATIVE_STEP_COST = {"captioner": 1.0, "generator": 0.77, "vqa": 1.0}  # vqa: 4.75 steps/s where the captioner ran ~4.5
+# Step costs relative to a captioner step (batch 32, Muon): a demo run alone ran the captioner at 4.44 steps/s and
+# the generator (batch 16, Muon) at 6.70; vqa (AdamW) at 4.75 where the captioner on AdamW ran ~4.5 (Muon: 0.87x).
+# The ETA of a stage that has not started yet comes from the stage before it.
+RELATIVE_STEP_COST = {"captioner": 1.0, "generator": 0.66, "vqa": 0.82}
 EVAL_SHARE = 0.15  # evaluation (and saving) allowed on top of each stage's training time
 REPORT_SHARE = 0.05  # zero-shot classification, report pictures: a share of the whole run
 

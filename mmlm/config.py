@@ -326,6 +326,7 @@ class TrainConfig:
     # steps/s on CPU (benchmarks/results/shapes_diffusion.md)
     optimizer: str = "adamw"
     muon_momentum: float = 0.95
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update
     num_threads: int | None = None  # torch.set_num_threads on CPU
     ddp: DDPConfig = dataclasses.field(default_factory=DDPConfig)
     fsdp: FSDPConfig = dataclasses.field(default_factory=FSDPConfig)
@@ -339,6 +340,8 @@ class TrainConfig:
             raise ConfigError(f"train.optimizer: expected 'adamw' or 'muon', got {self.optimizer!r}")
         if not 0.0 <= self.muon_momentum < 1.0:
             raise ConfigError(f"train.muon_momentum: expected a value in [0, 1), got {self.muon_momentum}")
+        if self.muon_ns_steps < 1:
+            raise ConfigError(f"train.muon_ns_steps: expected >= 1, got {self.muon_ns_steps}")
 
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")

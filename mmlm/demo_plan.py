@@ -15,10 +15,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-# Step costs relative to a captioner step (batch 32, Muon): a demo run alone ran the captioner at 4.44 steps/s and
-# the generator (batch 16, Muon) at 6.70; vqa (AdamW) at 4.75 where the captioner on AdamW ran ~4.5 (Muon: 0.87x).
+# Step costs relative to a captioner step (batch 32, Muon): a demo run alone ran the captioner at 4.60 steps/s and
+# the generator (batch 16, Muon) at 7.30; vqa (AdamW) at 4.75 where the captioner on AdamW ran ~4.5 (Muon: 0.9x).
 # The ETA of a stage that has not started yet comes from the stage before it.
-RELATIVE_STEP_COST = {"captioner": 1.0, "generator": 0.66, "vqa": 0.82}
+RELATIVE_STEP_COST = {"captioner": 1.0, "generator": 0.63, "vqa": 0.85}
 EVAL_SHARE = 0.15  # evaluation (and saving) allowed on top of each stage's training time
 REPORT_SHARE = 0.05  # zero-shot classification, report pictures: a share of the whole run
 

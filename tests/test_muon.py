@@ -9,6 +9,7 @@ from torch import nn
 from mmlm.config import ConfigError, TrainConfig
 from mmlm.training import Trainer, parameter_groups
 from mmlm.training.muon import MuonAdamW, orthogonalize
+from mmlm.training.optim import build_optimizer
 from mmlm.training.trainer import reset_accelerate_state
 from tests.test_trainer import ToyTask, make_config, weights
 
@@ -62,6 +63,45 @@ def test_muon_step_moves_a_kernel_by_lr_times_the_rms_matched_scale():
     # 0.2 * sqrt(max(6, 36)) times a matrix with singular values ~1: an RMS of ~0.2, AdamW's
     assert 0.15 < update.pow(2).mean().sqrt().item() < 0.25
     assert torch.linalg.svdvals(update / (0.2 * 6)).min() > 0.5
+
+
+def reference_muon_step(param, grad, buffer, lr, momentum, decay, ns_steps):
+    """Muon for one parameter, written out plainly: what the batched step must equal."""
+    buffer.mul_(momentum).add_(grad, alpha=1 - momentum)
+    nesterov = (grad * (1 - momentum) + buffer * momentum).reshape(param.shape[0], -1)
+    rows, cols = nesterov.shape
+    param.mul_(1 - lr * decay)
+    param.add_(orthogonalize(nesterov, ns_steps).view_as(param), alpha=-lr * 0.2 * max(rows, cols) ** 0.5)
+
+
+@pytest.mark.parametrize("ns_steps", [3, 5])
+def test_the_batched_muon_step_equals_muon_parameter_by_parameter(ns_steps):
+    """Kernels and matrices of the same (rows, cols) are stacked into one product; the result must not change."""
+    torch.manual_seed(0)
+    shapes = [(8, 4, 3, 3), (8, 36), (8, 4, 3, 3), (5, 7)]  # the first three alike as (8, 36) matrices
+    ours = [nn.Parameter(torch.randn(shape)) for shape in shapes]
+    reference = [p.detach().clone() for p in ours]
+    buffers = [torch.zeros_like(p) for p in reference]
+    optimizer = MuonAdamW([{"params": ours, "muon": True}], lr=0.02, momentum=0.9, weight_decay=0.1,
+                          ns_steps=ns_steps)
+    for _ in range(3):
+        grads = [torch.randn(shape) for shape in shapes]
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        for p, g, b in zip(reference, grads, buffers):
+            reference_muon_step(p, g, b, 0.02, 0.9, 0.1, ns_steps)
+    for p, expected in zip(ours, reference):
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_ns_steps_reaches_the_optimizer_and_is_checked():
+    with pytest.raises(ConfigError, match="train.muon_ns_steps"):
+        TrainConfig(optimizer="muon", muon_ns_steps=0)
+    model = ConvLM()
+    train = TrainConfig(optimizer="muon", muon_ns_steps=3)
+    optimizer = build_optimizer(model, {"lm": model}, train)
+    assert {g["ns_steps"] for g in optimizer.param_groups if g["muon"]} == {3}
 
 
 def test_the_adamw_groups_step_exactly_as_torch_adamw():

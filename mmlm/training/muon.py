@@ -1,9 +1,10 @@
 """Muon for the weight matrices and convolution kernels, AdamW for everything else, in one optimizer.
 
 Muon (Jordan et al., 2024) takes SGD momentum and replaces each matrix's update by its nearest semi-orthogonal
-matrix (five quintic Newton-Schulz iterations), so every direction of the weight moves at the same rate. The
-update is scaled by ``0.2 * sqrt(max(rows, cols))`` (Liu et al., 2025, "Muon is scalable for LLM training"), which
-gives it AdamW's update RMS: one learning rate and one schedule serve both kinds of group.
+matrix (quintic Newton-Schulz iterations: five by default, ``train.muon_ns_steps``), so every direction of the
+weight moves at the same rate. The update is scaled by ``0.2 * sqrt(max(rows, cols))`` (Liu et al., 2025, "Muon is
+scalable for LLM training"), which gives it AdamW's update RMS: one learning rate and one schedule serve both kinds
+of group.
 
 torch's ``torch.optim.Muon`` takes 2-D parameters only; here a convolution kernel ``(out, in, kh, kw)`` is
 orthogonalised as the ``(out, in * kh * kw)`` matrix it multiplies with. Embedding tables, output heads and 1-D
@@ -75,23 +76,24 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict, params: list[torch.Tensor]) -> None:
         lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-        updates = []
+        grads = [p.grad for p in params]
         for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            state["momentum_buffer"].lerp_(p.grad, 1 - momentum)
-            updates.append(p.grad.lerp(state["momentum_buffer"], momentum).reshape(p.shape[0], -1))  # Nesterov
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(buffers, grads, 1 - momentum)
+        updates = torch._foreach_lerp(grads, buffers, momentum)  # Nesterov
         by_shape: dict[tuple, list[int]] = {}
-        for i, update in enumerate(updates):
-            by_shape.setdefault(tuple(update.shape), []).append(i)
+        for i, p in enumerate(params):
+            by_shape.setdefault((p.shape[0], p[0].numel()), []).append(i)
         for (rows, cols), indices in by_shape.items():  # a step is many small matrices: batch those alike
-            orthogonal = orthogonalize(torch.stack([updates[i] for i in indices]), group["ns_steps"])
-            for i, update in zip(indices, orthogonal):
-                p = params[i]
-                if decay:
-                    p.mul_(1 - lr * decay)
-                p.add_(update.view_as(p), alpha=-lr * 0.2 * math.sqrt(max(rows, cols)))
+            stacked = torch.stack([updates[i].reshape(rows, cols) for i in indices])
+            orthogonal = orthogonalize(stacked, group["ns_steps"]).unbind()
+            alike = [params[i] for i in indices]
+            if decay:
+                torch._foreach_mul_(alike, 1 - lr * decay)
+            torch._foreach_add_(alike, [u.view_as(p) for u, p in zip(orthogonal, alike)],
+                                alpha=-lr * 0.2 * math.sqrt(max(rows, cols)))
 
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]

@@ -132,7 +132,8 @@ def build_optimizer(model: nn.Module, groups: dict[str, nn.Module], train: Train
     ``train.optimizer: muon`` gives :class:`~mmlm.training.muon.MuonAdamW` over the same groups."""
     param_groups = parameter_groups(model, groups, train, freeze)
     if train.optimizer == "muon":
-        return MuonAdamW(param_groups, lr=train.lr, betas=tuple(train.betas), momentum=train.muon_momentum)
+        return MuonAdamW(param_groups, lr=train.lr, betas=tuple(train.betas), momentum=train.muon_momentum,
+                         ns_steps=train.muon_ns_steps)
     fused = train.fused_adamw and all(_fusable(p) for group in param_groups for p in group["params"])
     return torch.optim.AdamW(param_groups, lr=train.lr, betas=tuple(train.betas), fused=fused or None)
 

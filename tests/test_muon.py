@@ -98,6 +98,8 @@ def test_the_batched_muon_step_equals_muon_parameter_by_parameter(ns_steps):
 def test_muon_ns_steps_reaches_the_optimizer_and_is_checked():
     with pytest.raises(ConfigError, match="train.muon_ns_steps"):
         TrainConfig(optimizer="muon", muon_ns_steps=0)
+    with pytest.raises(ValueError, match="ns_steps"):
+        MuonAdamW(nn.Linear(2, 2).parameters(), ns_steps=0)
     model = ConvLM()
     train = TrainConfig(optimizer="muon", muon_ns_steps=3)
     optimizer = build_optimizer(model, {"lm": model}, train)

@@ -48,6 +48,8 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"lr: expected > 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum: expected in [0, 1), got {momentum}")
+        if ns_steps < 1:
+            raise ValueError(f"ns_steps: expected >= 1, got {ns_steps}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
                         ns_steps=ns_steps, muon=False)
         super().__init__(params, defaults)
